@@ -1,0 +1,100 @@
+"""manifest: join samples with their decoded frames into train/val/test JSONL, every row checked by JSON Schema.
+
+A sample whose video was quarantined by `extract`, or whose row breaks the schema, is not silently lost: it goes to
+data/manifest/rejects.jsonl with its reason, and stats.json (a DVC metric) counts rows per split and rejects by reason.
+"""
+import json
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+
+from stages.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from stages.params import load
+
+RAW = Path("data/raw")
+FRAMES = Path("data/frames")
+OUT = Path("data/manifest")
+SPLITS = ("train", "val", "test")
+VIDEO = "<video>"
+
+
+def seq2seq_source(sample: dict) -> str:
+    """The text the seq2seq model sees: the question plus the video's metadata (no pixels)."""
+    meta = sample.get("meta", {})
+    parts = [sample["question"]]
+    if "title" in meta:
+        parts.append(f"title: {meta['title']}")
+    if meta.get("tags"):
+        parts.append("tags: " + ", ".join(meta["tags"]))
+    if "duration" in meta:
+        parts.append(f"duration: {meta['duration']} s")
+    return " | ".join(parts)
+
+
+def build_row(sample: dict, decoded: dict) -> dict:
+    """Turn one collected sample into a manifest row; raise ValueError with the reason when it cannot be used."""
+    videos = []
+    for video in sample["videos"]:
+        entry = decoded.get(video)
+        if entry is None:
+            raise ValueError(f"video not extracted: {video}")
+        if entry["status"] != "ok":
+            raise ValueError(f"video quarantined: {entry['reason']}")
+        videos.append({"sha256": Path(video).stem, "frames": entry["shard"], "num_frames": entry["frames"],
+                       "timestamps": entry["timestamps"]})
+    placeholders = "".join(VIDEO + "\n" for _ in videos)
+    row = {"id": sample["id"], "split": sample["split"], "videos": videos,
+           "messages": [{"role": "user", "content": placeholders + sample["question"]},
+                        {"role": "assistant", "content": sample["caption"]}],
+           "source": seq2seq_source(sample), "target": sample["caption"]}
+    if "attributes" in sample:
+        row["attributes"] = sample["attributes"]
+    return row
+
+
+def check_placeholders(row: dict) -> None:
+    found = sum(m["content"].count(VIDEO) for m in row["messages"] if m["role"] == "user")
+    if found != len(row["videos"]):
+        raise ValueError(f"{found} {VIDEO} placeholders for {len(row['videos'])} videos")
+
+
+def main() -> None:
+    # Load
+    p = load("manifest")["manifest"]
+    validator = jsonschema.Draft202012Validator(json.loads(Path(p["schema"]).read_text()))
+    samples = read_jsonl(RAW / "samples.jsonl")
+    decoded = json.loads((FRAMES / "report.json").read_text())["videos"]
+
+    # Build
+    rows, rejects, seen = {split: [] for split in SPLITS}, [], set()
+    for line, sample in enumerate(samples, 1):
+        try:
+            if sample.get("id") in seen:
+                raise ValueError(f"duplicate id {sample['id']!r}")
+            row = build_row(sample, decoded)
+            error = next(iter(sorted(validator.iter_errors(row), key=lambda e: list(e.absolute_path))), None)
+            if error is not None:
+                field = "/".join(map(str, error.absolute_path)) or "(row)"
+                raise ValueError(f"schema: field {field}: {error.message}")
+            check_placeholders(row)
+        except (KeyError, ValueError) as error:
+            reason = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+            rejects.append({"id": sample.get("id"), "source": f"{RAW / 'samples.jsonl'}:{line}", "reason": reason})
+            continue
+        seen.add(row["id"])
+        rows[row["split"]].append(row)
+
+    # Save
+    with atomic_dir(OUT) as out:
+        for split in SPLITS:
+            write_jsonl(out / f"{split}.jsonl", rows[split])
+        write_jsonl(out / "rejects.jsonl", rejects)
+        kinds = Counter(r["reason"].split(":")[0] for r in rejects)
+        write_json(out / "stats.json", {"samples": len(samples), **{split: len(rows[split]) for split in SPLITS},
+                                        "rejected": len(rejects), "rejected_by_reason": dict(sorted(kinds.items()))})
+    print(f"manifest: {', '.join(f'{s}={len(rows[s])}' for s in SPLITS)}, rejected={len(rejects)} -> {OUT}/")
+
+
+if __name__ == "__main__":
+    main()

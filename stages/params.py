@@ -1,0 +1,55 @@
+"""Load one stage's block of params.yaml and validate it against stages/schema/params.json.
+
+A stage calls `load("<stage>")` first thing: a typo or a wrong type in params.yaml stops it before any work, with a
+message naming the key, instead of surfacing later as a silent default or a confusing traceback.
+"""
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+from ruamel.yaml import YAML  # YAML 1.2, as DVC itself reads params: `1e-3` is a float, not a string
+
+PARAMS_FILE = Path("params.yaml")
+SCHEMA_FILE = Path(__file__).parent / "schema" / "params.json"
+
+
+class ParamsError(SystemExit):
+    """Raised for invalid params; exits the stage with the message instead of a traceback."""
+
+
+def load(stage: str, path: Path = PARAMS_FILE) -> dict:
+    """Return {"base": ..., <stage>: ...} from `path`, validated; raise ParamsError naming the offending key."""
+    document = YAML(typ="safe").load(Path(path).read_text()) or {}
+    schema = json.loads(SCHEMA_FILE.read_text())
+    params = {}
+    for block in ("base", stage):
+        if block not in document:
+            raise ParamsError(f"{path}: missing block `{block}`")
+        errors = sorted(jsonschema.Draft202012Validator(schema["properties"][block]).iter_errors(document[block]),
+                        key=lambda e: list(e.absolute_path))
+        if errors:
+            raise ParamsError(f"{path}: " + "; ".join(_describe(block, e) for e in errors))
+        params[block] = document[block]
+    return params
+
+
+def _describe(block: str, error: jsonschema.ValidationError) -> str:
+    key = ".".join([block, *map(str, error.absolute_path)])
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema["properties"]))
+        return "; ".join(f"unknown key `{key}.{name}`" for name in unknown)
+    if error.validator == "required":
+        return f"missing key `{key}.{error.message.split(chr(39))[1]}`"
+    return f"`{key}`: {error.message}"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a stage touches and make torch's CPU kernels deterministic."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,77 @@
+"""train_seq2seq: a text-only seq2seq model (NLLB / T5 / BART via AutoModelForSeq2SeqLM) that writes the caption
+from the video's text metadata and the question; it never sees pixels.
+
+`train_seq2seq.model: tiny` builds an NLLB-architecture model and a tokenizer trained on our text, saves them, and
+loads them back by path; any other value is a local path or hub id and takes the same `from_pretrained` path.
+Output: models/seq2seq/{model/, base/ (tiny only), training.json}; curves in dvclive/train_seq2seq/.
+"""
+import tempfile
+from pathlib import Path
+
+from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
+                          Seq2SeqTrainingArguments)
+
+from stages import tiny
+from stages.files import atomic_dir, read_jsonl, write_json
+from stages.params import load, seed_everything
+from stages.training import dvclive_callback
+
+MANIFEST = Path("data/manifest")
+OUT = Path("models/seq2seq")
+
+
+def encode(rows, tokenizer, p) -> list[dict]:
+    """Tokenize (source, target) pairs; a pair over the length budget is an error naming the sample, never cut."""
+    examples = []
+    for row in rows:
+        source = tokenizer(row["source"])["input_ids"]
+        target = tokenizer(text_target=row["target"])["input_ids"]
+        for name, ids, limit in (("source", source, "max_source_length"), ("target", target, "max_target_length")):
+            if len(ids) > p[limit]:
+                raise SystemExit(f"{MANIFEST}: sample {row['id']}: {name} has {len(ids)} tokens, above "
+                                 f"train_seq2seq.{limit}={p[limit]}")
+        examples.append({"input_ids": source, "attention_mask": [1] * len(source), "labels": target})
+    return examples
+
+
+def main() -> None:
+    # Load
+    params = load("train_seq2seq")
+    p, seed = params["train_seq2seq"], params["base"]["seed"]
+    seed_everything(seed)
+    train_rows, val_rows = read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl")
+
+    with atomic_dir(OUT) as out:
+        # Build
+        base = p["model"]
+        if base == "tiny":
+            texts = [text for row in train_rows for text in (row["source"], row["target"])]
+            base = str(tiny.build_seq2seq(p["tiny"], texts, out / "base"))
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForSeq2SeqLM.from_pretrained(base)
+
+        # Train
+        with tempfile.TemporaryDirectory() as scratch:
+            args = Seq2SeqTrainingArguments(
+                output_dir=scratch, max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
+                per_device_eval_batch_size=p["batch_size"], learning_rate=p["learning_rate"], warmup_steps=0.05,
+                lr_scheduler_type="linear", logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps",
+                eval_steps=max(1, p["max_steps"] // 5), save_strategy="no", report_to="none", seed=seed,
+                data_seed=seed, disable_tqdm=True)
+            trainer = Seq2SeqTrainer(
+                model=model, args=args, train_dataset=encode(train_rows, tokenizer, p),
+                eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,
+                data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+                callbacks=[dvclive_callback("dvclive/train_seq2seq")])
+            result = trainer.train()
+
+        # Save
+        trainer.save_model(out / "model")
+        base = base.replace(str(out), str(OUT))  # record where the base lives once the output is in place
+        write_json(out / "training.json", {"base_model": base, "global_step": result.global_step,
+                                           "train_loss": result.training_loss})
+    print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
+
+
+if __name__ == "__main__":
+    main()
