@@ -5,8 +5,10 @@ background, encoded by moviepy as real H.264 mp4, and stored content-addressed a
 data/raw/samples.jsonl holds one sample per clip: the video, a question, the caption, the text metadata the seq2seq
 model learns from, and the split. Everything follows from `base.seed`, so two runs give identical bytes.
 """
+import functools
 import itertools
 import random
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,8 @@ def plan_clips(params: dict, seed: int) -> list[dict]:
     combos = itertools.product(params["colors"], params["shapes"], params["directions"])
     clips = []
     for (color, shape, direction), copy in itertools.product(combos, range(params["clips_per_combo"])):
-        side = rng.randint(size // 6, size // 4)
-        travel = rng.uniform(0.35, 0.55) * size         # pixels covered over the clip
+        side = rng.randint(size // 3, 2 * size // 5)
+        travel = rng.uniform(0.3, 0.5) * size           # pixels covered over the clip
         dx, dy = STEP[direction]
         # start so that the whole path stays inside the frame
         x0 = rng.uniform(max(0, -dx * travel), size - side - max(0, dx * travel))
@@ -91,12 +93,14 @@ def main() -> None:
     splits = assign_splits(len(clips), p["val_fraction"], p["test_fraction"], seed)
     with atomic_dir(OUT) as out:
         (out / "videos").mkdir()
+        scratch = [out / "videos" / f"encoding-{index}.mp4" for index in range(len(clips))]
+        with ProcessPoolExecutor() as pool:  # one ffmpeg process per clip: spread them over the cores
+            encode = functools.partial(render, size=p["size"], fps=p["fps"], seconds=p["seconds"])
+            list(pool.map(encode, clips, scratch, chunksize=16))
         samples = []
-        for index, (clip, split) in enumerate(zip(clips, splits)):
-            scratch = out / "videos" / "encoding.mp4"
-            render(clip, scratch, p["size"], p["fps"], p["seconds"])
-            digest = sha256_file(scratch)
-            scratch.rename(out / "videos" / f"{digest}.mp4")
+        for index, (clip, split, encoded) in enumerate(zip(clips, splits, scratch)):
+            digest = sha256_file(encoded)
+            encoded.rename(out / "videos" / f"{digest}.mp4")
             tags = [clip["color"], clip["shape"], clip["direction"]]
             random.Random(f"{seed}-{index}").shuffle(tags)  # order carries no information
             samples.append({

@@ -15,6 +15,7 @@ from stages.params import load
 RAW = Path("data/raw")
 FRAMES = Path("data/frames")
 OUT = Path("data/manifest")
+SCHEMAS = Path(__file__).parent / "schema"
 SPLITS = ("train", "val", "test")
 VIDEO = "<video>"
 
@@ -62,7 +63,7 @@ def check_placeholders(row: dict) -> None:
 def main() -> None:
     # Load
     p = load("manifest")["manifest"]
-    validator = jsonschema.Draft202012Validator(json.loads(Path(p["schema"]).read_text()))
+    validator = jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{p['schema']}.json").read_text()))
     samples = read_jsonl(RAW / "samples.jsonl")
     decoded = json.loads((FRAMES / "report.json").read_text())["videos"]
 

@@ -8,13 +8,14 @@ Output: models/seq2seq/{model/, base/ (tiny only), training.json}; curves in dvc
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
                           Seq2SeqTrainingArguments)
 
 from stages import tiny
 from stages.files import atomic_dir, read_jsonl, write_json
 from stages.params import load, seed_everything
-from stages.training import dvclive_callback
+from stages.training import LiveCallback
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/seq2seq")
@@ -57,19 +58,19 @@ def main() -> None:
                 per_device_eval_batch_size=p["batch_size"], learning_rate=p["learning_rate"], warmup_steps=0.05,
                 lr_scheduler_type="linear", logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps",
                 eval_steps=max(1, p["max_steps"] // 5), save_strategy="no", report_to="none", seed=seed,
-                data_seed=seed, disable_tqdm=True)
+                data_seed=seed, disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
             trainer = Seq2SeqTrainer(
                 model=model, args=args, train_dataset=encode(train_rows, tokenizer, p),
                 eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,
                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-                callbacks=[dvclive_callback("dvclive/train_seq2seq")])
+                callbacks=[LiveCallback("dvclive/train_seq2seq")])
             result = trainer.train()
 
         # Save
         trainer.save_model(out / "model")
         base = base.replace(str(out), str(OUT))  # record where the base lives once the output is in place
         write_json(out / "training.json", {"base_model": base, "global_step": result.global_step,
-                                           "train_loss": result.training_loss})
+                                           "train_loss": result.training_loss, "params": p})
     print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
 
 

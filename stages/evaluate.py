@@ -1,0 +1,82 @@
+"""evaluate: greedy answers on the test split from both trained models and from their untrained starting weights.
+
+Output: eval/metrics.json ({"seq2seq", "seq2seq_untrained", "vlm", "vlm_untrained"} -> BLEU, ROUGE-L, exact match,
+attribute accuracy), eval/predictions.jsonl (one line per model and sample), and eval/comparison.csv for the
+per-metric comparison plot.
+"""
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer
+
+from stages import vlm
+from stages.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from stages.metrics import caption_scores
+from stages.params import load
+
+MANIFEST = Path("data/manifest")
+MODELS = Path("models")
+OUT = Path("eval")
+
+
+def batches(rows, size):
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+@torch.inference_mode()
+def answer_seq2seq(path: str, rows: list[dict], p: dict) -> list[str]:
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    answers = []
+    for batch in batches(rows, p["batch_size"]):
+        inputs = tokenizer([row["source"] for row in batch], padding=True, return_tensors="pt")
+        output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=p["max_new_tokens"])
+        answers += tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+@torch.inference_mode()
+def answer_vlm(path: str, family: str, rows: list[dict], p: dict) -> list[str]:
+    fam = vlm.family(family)
+    processor, model = AutoProcessor.from_pretrained(path), fam.MODEL_CLASS.from_pretrained(path).eval()
+    answers = []
+    for batch in batches(rows, p["batch_size"]):
+        inputs = vlm.generation_inputs(batch, processor, fam)
+        output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=p["max_new_tokens"])
+        answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+def main() -> None:
+    # Load
+    p = load("evaluate")["evaluate"]
+    rows = read_jsonl(MANIFEST / "test.jsonl")
+    seq2seq = json.loads((MODELS / "seq2seq" / "training.json").read_text())
+    vision = json.loads((MODELS / "vlm" / "training.json").read_text())
+
+    # Generate
+    answers = {
+        "seq2seq": answer_seq2seq(str(MODELS / "seq2seq" / "model"), rows, p),
+        "seq2seq_untrained": answer_seq2seq(seq2seq["base_model"], rows, p),
+        "vlm": answer_vlm(str(MODELS / "vlm" / "model"), vision["family"], rows, p),
+        "vlm_untrained": answer_vlm(vision["base_model"], vision["family"], rows, p),
+    }
+
+    # Score and save
+    metrics = {name: caption_scores(predicted, rows) for name, predicted in answers.items()}
+    with atomic_dir(OUT) as out:
+        write_json(out / "metrics.json", metrics)
+        write_jsonl(out / "predictions.jsonl", [
+            {"model": name, "id": row["id"], "prediction": answer, "reference": row["target"]}
+            for name, predicted in answers.items() for row, answer in zip(rows, predicted)])
+        # one bar per (metric, model), all on a 0-100 scale so that BLEU and accuracies share an axis
+        lines = ["entry,score"] + [f"{metric} / {name},{value if metric in ('bleu', 'rouge_l') else round(100 * value, 2)}"
+                                   for name, scores in metrics.items() for metric, value in scores.items()]
+        (out / "comparison.csv").write_text("\n".join(lines) + "\n")
+    for name, scores in metrics.items():
+        print(f"evaluate: {name:18s} " + "  ".join(f"{k}={v}" for k, v in scores.items()))
+
+
+if __name__ == "__main__":
+    main()

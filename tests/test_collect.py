@@ -1,0 +1,50 @@
+import av
+
+from stages.collect import assign_splits, caption
+from stages.files import read_jsonl, sha256_file
+
+
+def test_videos_are_h264_mp4_and_content_addressed(small_data):
+    samples = read_jsonl(small_data / "data/raw/samples.jsonl")
+    assert len(samples) == 2 * 2 * 2 * 3
+    for sample in samples:
+        (video,) = sample["videos"]
+        path = small_data / "data/raw" / video
+        assert path.name == f"{sha256_file(path)}.mp4"
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            assert stream.codec_context.name == "h264"
+            assert (stream.codec_context.width, stream.codec_context.height) == (64, 64)
+            assert sum(1 for _ in container.decode(stream)) == 16     # 2 s at 8 fps
+
+
+def test_samples_carry_caption_question_metadata_and_split(small_data):
+    samples = read_jsonl(small_data / "data/raw/samples.jsonl")
+    for sample in samples:
+        attributes = sample["attributes"]
+        assert sample["caption"] == caption(attributes["color"], attributes["shape"], attributes["direction"])
+        assert sorted(sample["meta"]["tags"]) == sorted(attributes.values())
+        assert sample["question"].endswith("?") or sample["question"].endswith(".")
+    assert {s["split"] for s in samples} == {"train", "val", "test"}
+    assert len({s["id"] for s in samples}) == len(samples)
+    # every combination is present; clips differ in geometry, so no two videos are the same file
+    assert len({s["caption"] for s in samples}) == 8
+    assert len({s["videos"][0] for s in samples}) == len(samples)
+
+
+def test_collect_is_deterministic(small_data, tmp_path):
+    from stages import collect
+    from tests.conftest import inside
+
+    (tmp_path / "params.yaml").write_text((small_data / "params.yaml").read_text())
+    with inside(tmp_path):
+        collect.main()
+    assert (tmp_path / "data/raw/samples.jsonl").read_bytes() == (small_data / "data/raw/samples.jsonl").read_bytes()
+    again = sorted(p.name for p in (tmp_path / "data/raw/videos").iterdir())
+    assert again == sorted(p.name for p in (small_data / "data/raw/videos").iterdir())
+
+
+def test_split_fractions():
+    splits = assign_splits(100, 0.1, 0.2, seed=3)
+    assert (splits.count("val"), splits.count("test"), splits.count("train")) == (10, 20, 70)
+    assert splits == assign_splits(100, 0.1, 0.2, seed=3) != assign_splits(100, 0.1, 0.2, seed=4)

@@ -1,0 +1,63 @@
+import json
+
+import jsonschema
+
+from stages import extract, manifest
+from stages.files import read_jsonl, write_jsonl
+from tests.conftest import write_params
+from tests.test_extract import add_broken_video
+
+SCHEMA = json.loads((manifest.SCHEMAS / "manifest_v1.json").read_text())
+
+
+def rows(workspace, split):
+    return read_jsonl(workspace / "data/manifest" / f"{split}.jsonl")
+
+
+def test_rows_are_valid_and_split_as_collected(workspace):
+    samples = {s["id"]: s for s in read_jsonl(workspace / "data/raw/samples.jsonl")}
+    total = 0
+    for split in manifest.SPLITS:
+        for row in rows(workspace, split):
+            jsonschema.validate(row, SCHEMA)
+            assert row["split"] == split == samples[row["id"]]["split"]
+            assert row["messages"][0]["content"].count("<video>") == len(row["videos"]) == 1
+            assert row["messages"][1] == {"role": "assistant", "content": samples[row["id"]]["caption"]}
+            assert all(tag in row["source"] for tag in samples[row["id"]]["meta"]["tags"])
+            total += 1
+    stats = json.loads((workspace / "data/manifest/stats.json").read_text())
+    assert total == len(samples) == stats["samples"] == stats["train"] + stats["val"] + stats["test"]
+    assert stats["rejected"] == 0
+
+
+def test_manifest_is_deterministic(workspace):
+    before = {s: (workspace / f"data/manifest/{s}.jsonl").read_bytes() for s in manifest.SPLITS}
+    manifest.main()
+    assert before == {s: (workspace / f"data/manifest/{s}.jsonl").read_bytes() for s in manifest.SPLITS}
+
+
+def test_bad_samples_are_rejected_with_their_reason_and_the_rest_survive(workspace):
+    video = add_broken_video(workspace)
+    write_params(workspace, {"extract": {"max_bad_fraction": 0.1}})
+    extract.main()
+    samples = read_jsonl(workspace / "data/raw/samples.jsonl")
+    good = samples[1]
+    samples += [{**good, "id": "bad id with spaces"},
+                {**good, "id": "duplicate"}, {**good, "id": "duplicate"},
+                {**good, "id": "two-placeholders", "question": "<video> compare with <video>"},
+                {key: value for key, value in good.items() if key != "caption"} | {"id": "no-caption"},
+                {**good, "id": "bad-split", "split": "holdout"}]
+    write_jsonl(workspace / "data/raw/samples.jsonl", samples)
+    manifest.main()
+    rejects = {r["id"]: r for r in read_jsonl(workspace / "data/manifest/rejects.jsonl")}
+    assert rejects["broken-0"]["reason"].startswith("video quarantined: cannot open")
+    assert rejects["bad id with spaces"]["reason"].startswith("schema: field id:")
+    assert rejects["duplicate"]["reason"] == "duplicate id 'duplicate'"
+    assert rejects["two-placeholders"]["reason"] == "3 <video> placeholders for 1 videos"
+    assert rejects["no-caption"]["reason"] == "missing field 'caption'"
+    assert rejects["bad-split"]["reason"].startswith("schema: field split:")
+    assert rejects["no-caption"]["source"].endswith(f"samples.jsonl:{len(samples) - 1}")
+    stats = json.loads((workspace / "data/manifest/stats.json").read_text())
+    assert stats["rejected"] == 6 and stats["train"] + stats["val"] + stats["test"] == len(samples) - 6
+    assert stats["rejected_by_reason"]["video quarantined"] == 1
+    assert video.endswith(".mp4")

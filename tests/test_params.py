@@ -1,0 +1,49 @@
+import pytest
+
+from stages.params import ParamsError, load
+from tests.conftest import REPO, write_params
+
+
+def test_every_block_of_the_shipped_params_is_valid():
+    for stage in ("collect", "extract", "manifest", "train_seq2seq", "train_vlm", "evaluate", "push"):
+        params = load(stage, REPO / "params.yaml")
+        assert set(params) == {"base", stage}
+
+
+def test_unknown_key_is_named(tmp_path):
+    write_params(tmp_path, {"train_vlm": {"learning_rat": 0.1}})
+    with pytest.raises(ParamsError, match=r"unknown key `train_vlm\.learning_rat`"):
+        load("train_vlm", tmp_path / "params.yaml")
+
+
+def test_wrong_type_is_named(tmp_path):
+    write_params(tmp_path, {"extract": {"num_frames": "four"}})
+    with pytest.raises(ParamsError, match=r"`extract\.num_frames`: 'four' is not of type 'integer'"):
+        load("extract", tmp_path / "params.yaml")
+
+
+def test_nested_key_and_bad_enum_value_are_named(tmp_path):
+    write_params(tmp_path, {"train_seq2seq": {"tiny": {"d_model": 64, "layers": 2, "heads": 4, "ffn_dim": 128,
+                                                       "vocab_size": 512, "dropout": 0.1}},
+                            "collect": {"colors": ["red", "mauve"]}})
+    with pytest.raises(ParamsError, match=r"unknown key `train_seq2seq\.tiny\.dropout`"):
+        load("train_seq2seq", tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match=r"`collect\.colors\.1`: 'mauve' is not one of"):
+        load("collect", tmp_path / "params.yaml")
+
+
+def test_other_blocks_do_not_stop_a_stage(tmp_path):
+    write_params(tmp_path, {"train_vlm": {"learning_rat": 0.1}})
+    assert load("extract", tmp_path / "params.yaml")["extract"]["num_frames"] >= 1
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace(
+        "learning_rate: 0.001", "learning_rate: 1e-3"))
+    assert load("train_vlm", tmp_path / "params.yaml")["train_vlm"]["learning_rate"] == 0.001
+
+
+def test_missing_block_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("base:\n  seed: 0\n")
+    with pytest.raises(ParamsError, match="missing block `extract`"):
+        load("extract", tmp_path / "params.yaml")
