@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer
 
 from stages import vlm
-from stages.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from stages.files import atomic_files, read_jsonl, write_json, write_jsonl
 from stages.metrics import caption_scores
 from stages.params import load
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     # Score and save
     metrics = {name: caption_scores(predicted, rows) for name, predicted in answers.items()}
-    with atomic_dir(OUT) as out:
+    with atomic_files(OUT) as out:
         write_json(out / "metrics.json", metrics)
         write_jsonl(out / "predictions.jsonl", [
             {"model": name, "id": row["id"], "prediction": answer, "reference": row["target"]}

@@ -25,6 +25,20 @@ def atomic_dir(path):
     partial.rename(path)
 
 
+@contextlib.contextmanager
+def atomic_files(folder):
+    """Like atomic_dir, but the files written replace their namesakes in `folder`, which keeps its other files
+    (evaluate's outputs share eval/ with the committed metric tolerances)."""
+    folder = Path(folder)
+    with atomic_dir(folder.with_name(folder.name + ".new")) as partial:
+        yield partial
+    folder.mkdir(parents=True, exist_ok=True)
+    written = folder.with_name(folder.name + ".new")
+    for path in written.iterdir():
+        path.replace(folder / path.name)
+    written.rmdir()
+
+
 def write_json(path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

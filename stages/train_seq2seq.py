@@ -8,14 +8,13 @@ Output: models/seq2seq/{model/, base/ (tiny only), training.json}; curves in dvc
 import tempfile
 from pathlib import Path
 
-import torch
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
                           Seq2SeqTrainingArguments)
 
 from stages import tiny
 from stages.files import atomic_dir, read_jsonl, write_json
 from stages.params import load, seed_everything
-from stages.training import LiveCallback
+from stages.training import LiveCallback, training_arguments
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/seq2seq")
@@ -53,12 +52,7 @@ def main() -> None:
 
         # Train
         with tempfile.TemporaryDirectory() as scratch:
-            args = Seq2SeqTrainingArguments(
-                output_dir=scratch, max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
-                per_device_eval_batch_size=p["batch_size"], learning_rate=p["learning_rate"], warmup_steps=0.05,
-                lr_scheduler_type="linear", logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps",
-                eval_steps=max(1, p["max_steps"] // 5), save_strategy="no", report_to="none", seed=seed,
-                data_seed=seed, disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
+            args = training_arguments(p, seed, scratch, Seq2SeqTrainingArguments)
             trainer = Seq2SeqTrainer(
                 model=model, args=args, train_dataset=encode(train_rows, tokenizer, p),
                 eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,

@@ -9,13 +9,12 @@ import functools
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoProcessor, Trainer, TrainingArguments
+from transformers import AutoProcessor, Trainer
 
 from stages import vlm
 from stages.files import atomic_dir, read_jsonl, write_json
 from stages.params import load, seed_everything
-from stages.training import LiveCallback
+from stages.training import LiveCallback, training_arguments
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/vlm")
@@ -42,13 +41,7 @@ def main() -> None:
         # Train
         datasets = [vlm.ManifestDataset(rows, processor, fam, p["max_length"]) for rows in (train_rows, val_rows)]
         with tempfile.TemporaryDirectory() as scratch:
-            args = TrainingArguments(
-                output_dir=scratch, max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
-                per_device_eval_batch_size=p["batch_size"], learning_rate=p["learning_rate"], warmup_steps=0.05,
-                lr_scheduler_type="linear", logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps",
-                eval_steps=max(1, p["max_steps"] // 5), save_strategy="no", report_to="none", seed=seed,
-                data_seed=seed, remove_unused_columns=False, disable_tqdm=True,
-                dataloader_pin_memory=torch.cuda.is_available())
+            args = training_arguments(p, seed, scratch, remove_unused_columns=False)
             trainer = Trainer(
                 model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
                 data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),

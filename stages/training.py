@@ -1,7 +1,19 @@
-"""What both trainers share: curves logged to dvclive against the optimizer step."""
+"""What both trainers share: their TrainingArguments from params, and curves logged to dvclive by optimizer step."""
+import torch
 from dvclive import Live
 from dvclive.plots import Metric
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
+
+
+def training_arguments(p: dict, seed: int, output_dir: str, args_class=TrainingArguments, **extra):
+    """One schedule for every trainer: AdamW, linear decay after 5 % warm-up, ~30 log points, 5 evaluations."""
+    return args_class(
+        output_dir=output_dir, max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
+        per_device_eval_batch_size=p["batch_size"], learning_rate=p["learning_rate"],
+        weight_decay=p["weight_decay"], warmup_steps=0.05, lr_scheduler_type="linear",
+        logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps", eval_steps=max(1, p["max_steps"] // 5),
+        save_strategy="no", report_to="none", seed=seed, data_seed=seed, disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(), **extra)
 
 
 class LiveCallback(TrainerCallback):

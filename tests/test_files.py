@@ -1,6 +1,6 @@
 import pytest
 
-from stages.files import atomic_dir, read_jsonl, sha256_file, write_jsonl
+from stages.files import atomic_dir, atomic_files, read_jsonl, sha256_file, write_jsonl
 
 
 def test_atomic_dir_replaces_the_output_only_on_success(tmp_path):
@@ -39,3 +39,19 @@ def test_sha256_file(tmp_path):
     path = tmp_path / "x"
     path.write_bytes(b"abc")
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_atomic_files_replace_their_namesakes_and_keep_the_rest(tmp_path):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "metrics.json").write_text("old")
+    (folder / "committed.json").write_text("kept")
+    with pytest.raises(RuntimeError):
+        with atomic_files(folder) as partial:
+            (partial / "metrics.json").write_text("half")
+            raise RuntimeError("stage failed")
+    assert (folder / "metrics.json").read_text() == "old"
+    with atomic_files(folder) as partial:
+        (partial / "metrics.json").write_text("new")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"metrics.json": "new", "committed.json": "kept"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]

@@ -1,13 +1,17 @@
 """End to end through the real `dvc` CLI, in a temporary git repository holding a copy of this working tree.
 
-The tests share one repository and run in order: the full default run, then what DVC must (not) rerun after it.
+The tests share one repository and run in order: the full default run (which must reproduce the committed dvc.lock
+and eval/metrics.json), then what DVC must (not) rerun after it, the remote round trip and queued experiments.
 """
+import csv
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,22 @@ def test_default_run_trains_models_that_learned(pipeline):
         assert all(d["md5"] in card for d in lock if d["path"].startswith("data/"))
 
 
+def test_default_run_reproduces_the_committed_lock_and_metrics(pipeline):
+    """The pinned experiment. A change that moves these on purpose commits the new dvc.lock and eval/metrics.json
+    together (README: "Pinned results")."""
+    committed = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    for stage, outs in pipeline["first_data_hashes"].items():
+        assert outs == committed[stage]["outs"], f"{stage}: outputs differ from the committed dvc.lock"
+    metrics = json.loads((pipeline["repo"] / "eval/metrics.json").read_text())
+    pinned = json.loads((REPO / "eval/metrics.json").read_text())
+    tolerance = json.loads((REPO / "eval/metrics.tolerance.json").read_text())
+    assert set(tolerance) == {f"{model}.{name}" for model, scores in pinned.items() for name in scores}
+    for key, allowed in tolerance.items():
+        model, name = key.split(".")
+        assert abs(metrics[model][name] - pinned[model][name]) <= allowed, (
+            f"{key}: {metrics[model][name]} drifted from the committed {pinned[model][name]} by more than {allowed}")
+
+
 def test_plots_and_metrics_show(pipeline):
     repo = pipeline["repo"]
     assert "attribute_accuracy" in dvc(repo, "metrics", "show")
@@ -83,6 +103,19 @@ def test_second_repro_runs_nothing(pipeline):
     output = dvc(pipeline["repo"], "repro")
     assert ran(output) == set()
     assert "Data and pipelines are up to date" in output
+
+
+def test_a_second_clone_gets_every_output_from_the_remote_without_running_a_stage(pipeline, tmp_path):
+    remote = tmp_path / "remote"
+    dvc(pipeline["repo"], "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(pipeline["repo"], "push", "--run-cache")
+    second = copy_repository(tmp_path / "second")
+    dvc(second, "remote", "modify", "--local", "local", "url", str(remote))
+    output = dvc(second, "repro", "--pull")
+    assert ran(output) == set()
+    assert "Data and pipelines are up to date" in dvc(second, "status")
+    for path in ("models/vlm/model/model.safetensors", "export/vlm/README.md", "eval/predictions.jsonl"):
+        assert (second / path).read_bytes() == (pipeline["repo"] / path).read_bytes()
 
 
 def test_a_train_vlm_param_reruns_only_train_vlm_evaluate_and_push(pipeline):
@@ -100,3 +133,22 @@ def test_data_stages_are_deterministic_across_clean_runs(pipeline, tmp_path):
     repo = copy_repository(tmp_path)
     dvc(repo, "repro", "manifest")
     assert data_hashes(repo) == pipeline["first_data_hashes"]
+
+
+def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
+    repo = pipeline["repo"]
+    for name, rate in (("lr-high", "0.002"), ("lr-low", "0.0005")):
+        dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"train_vlm.learning_rate={rate}",
+            "-S", "train_vlm.max_steps=30")
+    dvc(repo, "queue", "start")
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Queued|Running)\b", dvc(repo, "queue", "status")):
+        assert time.monotonic() < deadline, "queued experiments did not finish in 15 minutes"
+        time.sleep(5)
+    assert "Failed" not in dvc(repo, "queue", "status")
+    table = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv", "--no-pager"))))
+    shown = {row["Experiment"]: row for row in table if row["Experiment"] in ("lr-high", "lr-low")}
+    assert set(shown) == {"lr-high", "lr-low"}
+    for row in shown.values():
+        assert 0 <= float(row["vlm.attribute_accuracy"]) <= 1 and float(row["train_vlm.max_steps"]) == 30
+    assert shown["lr-high"]["train_vlm.learning_rate"] == "0.002"

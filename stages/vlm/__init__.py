@@ -127,6 +127,6 @@ def generation_inputs(rows: list[dict], processor, fam, frames_dir: Path = FRAME
     texts, videos = [], []
     for row in rows:
         messages, per_message = to_messages(row, fam, include_answers=False)
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        texts.append(_render(processor, messages, generation_prompt=True))
         videos.extend(load_frames(row, frames_dir)[:sum(per_message)])
     return processor(text=texts, **fam.media_inputs(videos), padding=True, padding_side="left", return_tensors="pt")
