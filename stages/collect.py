@@ -33,7 +33,7 @@ def caption(color: str, shape: str, direction: str) -> str:
 def plan_clips(params: dict, seed: int) -> list[dict]:
     """Draw every clip's attributes and geometry from one seeded generator (the only source of randomness)."""
     rng = random.Random(seed)
-    size = params["size"]
+    size = params["frame_size"]
     combos = itertools.product(params["colors"], params["shapes"], params["directions"])
     clips = []
     for (color, shape, direction), copy in itertools.product(combos, range(params["clips_per_combo"])):
@@ -95,7 +95,7 @@ def main() -> None:
         (out / "videos").mkdir()
         scratch = [out / "videos" / f"encoding-{index}.mp4" for index in range(len(clips))]
         with ProcessPoolExecutor() as pool:  # one ffmpeg process per clip: spread them over the cores
-            encode = functools.partial(render, size=p["size"], fps=p["fps"], seconds=p["seconds"])
+            encode = functools.partial(render, size=p["frame_size"], fps=p["fps"], seconds=p["seconds"])
             list(pool.map(encode, clips, scratch, chunksize=16))
         samples = []
         for index, (clip, split, encoded) in enumerate(zip(clips, splits, scratch)):
@@ -110,7 +110,7 @@ def main() -> None:
                 "caption": caption(clip["color"], clip["shape"], clip["direction"]),
                 "attributes": {"color": clip["color"], "shape": clip["shape"], "direction": clip["direction"]},
                 "meta": {"title": f"clip {index}", "tags": tags, "duration": p["seconds"], "fps": p["fps"],
-                         "width": p["size"], "height": p["size"]},
+                         "width": p["frame_size"], "height": p["frame_size"]},
                 "split": split,
             })
         # Save

@@ -1,4 +1,4 @@
-"""extract: decode `extract.num_frames` uniform frames from every collected video, resized to `extract.size`.
+"""extract: decode `extract.num_frames` uniform frames from every collected video, resized to `extract.frame_size`.
 
 Frames come from decoding the mp4 files (never from the generator), so the model sees what a real video gives.
 Output: data/frames/<sha256>.safetensors per video (uint8 frames + timestamps), one shard per video to keep DVC's
@@ -28,7 +28,7 @@ def main() -> None:
         for video in videos:
             key = Path(video).stem
             try:
-                sampled = sample_uniform(RAW / video, p["num_frames"], p["size"])
+                sampled = sample_uniform(RAW / video, p["num_frames"], p["frame_size"])
             except VideoError as error:
                 report["videos"][video] = {"status": "quarantined", "reason": str(error)}
                 continue

@@ -15,7 +15,6 @@ from stages.params import load
 MODELS = Path("models")
 OUT = Path("export")
 LOCK = Path("dvc.lock")
-SKIP = {"training_args.bin"}  # pickled Trainer arguments: not for the hub, not loadable without our code
 TASKS = {"seq2seq": ("text2text-generation", "AutoTokenizer"), "vlm": ("image-text-to-text", "AutoProcessor")}
 
 
@@ -86,7 +85,7 @@ def main() -> None:
         for name in TASKS:
             training = json.loads((MODELS / name / "training.json").read_text())
             target = out / name
-            shutil.copytree(MODELS / name / "model", target, ignore=lambda _, files: SKIP & set(files))
+            shutil.copytree(MODELS / name / "model", target)
             (target / "README.md").write_text(model_card(name, training, metrics, lineage(f"train_{name}")))
     print(f"push: {', '.join(TASKS)} -> {OUT}/ (target: {p['target']})")
 

@@ -62,6 +62,7 @@ def main() -> None:
 
         # Save
         trainer.save_model(out / "model")
+        (out / "model" / "training_args.bin").unlink()  # a pickle that holds a temp path: not reproducible
         base = base.replace(str(out), str(OUT))  # record where the base lives once the output is in place
         write_json(out / "training.json", {"base_model": base, "global_step": result.global_step,
                                            "train_loss": result.training_loss, "params": p})

@@ -50,6 +50,7 @@ def main() -> None:
 
         # Save
         trainer.save_model(out / "model")
+        (out / "model" / "training_args.bin").unlink()  # a pickle that holds a temp path: not reproducible
         processor.save_pretrained(out / "model")
         base = base.replace(str(out), str(OUT))  # record where the base lives once the output is in place
         write_json(out / "training.json", {"base_model": base, "family": p["family"], "params": p,

@@ -47,3 +47,17 @@ def test_missing_block_is_named(tmp_path):
     (tmp_path / "params.yaml").write_text("base:\n  seed: 0\n")
     with pytest.raises(ParamsError, match="missing block `extract`"):
         load("extract", tmp_path / "params.yaml")
+
+
+def test_no_param_is_named_like_a_dvc_metadata_field():
+    """DVC (3.67) leaves `size` and `nfiles` out of its run-cache key, at any depth: a param of that name would make
+    `dvc repro` restore the outputs of another value. The e2e extract test caught exactly that."""
+    import json
+
+    from stages.params import SCHEMA_FILE
+
+    def names(schema):
+        for name, sub in schema.get("properties", {}).items():
+            yield name
+            yield from names(sub)
+    assert not {"size", "nfiles"} & set(names(json.loads(SCHEMA_FILE.read_text())))
