@@ -12,9 +12,9 @@ from pathlib import Path
 from transformers import AutoProcessor, Trainer
 
 from stages import vlm
-from stages.files import atomic_dir, read_jsonl, write_json
+from stages.files import atomic_dir, read_jsonl
 from stages.params import load, seed_everything
-from stages.training import LiveCallback, training_arguments
+from stages.training import LiveCallback, save_trained, training_arguments
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/vlm")
@@ -49,12 +49,8 @@ def main() -> None:
             result = trainer.train()
 
         # Save
-        trainer.save_model(out / "model")
-        (out / "model" / "training_args.bin").unlink()  # a pickle that holds a temp path: not reproducible
+        save_trained(trainer, result, out, OUT, base, p, family=p["family"])
         processor.save_pretrained(out / "model")
-        base = base.replace(str(out), str(OUT))  # record where the base lives once the output is in place
-        write_json(out / "training.json", {"base_model": base, "family": p["family"], "params": p,
-                                           "global_step": result.global_step, "train_loss": result.training_loss})
     print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
 
 

@@ -1,8 +1,12 @@
 """What both trainers share: their TrainingArguments from params, and curves logged to dvclive by optimizer step."""
+from pathlib import Path
+
 import torch
 from dvclive import Live
 from dvclive.plots import Metric
 from transformers import TrainerCallback, TrainingArguments
+
+from stages.files import write_json
 
 
 def training_arguments(p: dict, seed: int, output_dir: str, args_class=TrainingArguments, **extra):
@@ -14,6 +18,17 @@ def training_arguments(p: dict, seed: int, output_dir: str, args_class=TrainingA
         logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps", eval_steps=max(1, p["max_steps"] // 5),
         save_strategy="no", report_to="none", seed=seed, data_seed=seed, disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(), **extra)
+
+
+def save_trained(trainer, result, out: Path, final: Path, base: str, p: dict, **record) -> None:
+    """Save the trained model to `out`/model and what made it to `out`/training.json.
+
+    `out` is the stage's scratch folder that becomes `final`: a tiny base saved inside it is recorded by its final path.
+    """
+    trainer.save_model(out / "model")
+    (out / "model" / "training_args.bin").unlink()  # a pickle holding a temp path: not reproducible, not needed
+    write_json(out / "training.json", {"base_model": base.replace(str(out), str(final)), "params": p, **record,
+                                       "global_step": result.global_step, "train_loss": result.training_loss})
 
 
 class LiveCallback(TrainerCallback):
