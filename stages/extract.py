@@ -6,7 +6,6 @@ no-op fast, and data/frames/report.json: per video what was decoded, or why it w
 """
 from pathlib import Path
 
-import numpy as np
 from safetensors.numpy import save_file
 
 from stages.files import atomic_dir, read_jsonl, write_json
