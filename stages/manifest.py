@@ -17,7 +17,7 @@ FRAMES = Path("data/frames")
 OUT = Path("data/manifest")
 SCHEMAS = Path(__file__).parent / "schema"
 SPLITS = ("train", "val", "test")
-VIDEO = "<video>"
+VIDEO = "<video>"  # one per video in the user turns; stages.vlm expands it per family
 
 
 def seq2seq_source(sample: dict) -> str:

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
+from stages.manifest import VIDEO  # the placeholder the manifest writes, one per video
+
 FAMILIES = ("llava",)
-VIDEO = "<video>"
 IGNORE = -100          # label of every position the loss must not see
 FRAMES = Path("data/frames")
 
