@@ -1,8 +1,9 @@
 """evaluate: greedy answers on the test split from both trained models and from their untrained starting weights.
 
-Output: eval/metrics.json ({"seq2seq", "seq2seq_untrained", "vlm", "vlm_untrained"} -> BLEU, ROUGE-L, exact match,
-attribute accuracy), eval/predictions.jsonl (one line per model and sample), and eval/comparison.csv for the
-per-metric comparison plot.
+Output: eval/metrics.json ({"seq2seq", "seq2seq_untrained", "vlm", "vlm_untrained"} -> BLEU-4, ROUGE-L, CIDEr-D,
+METEOR, exact match, attribute accuracy), eval/predictions.jsonl (one line per model and sample), and the tables of
+the two comparison plots: eval/comparison.csv (the metrics on a 0-100 scale) and eval/cider_d.csv (CIDEr-D, whose
+scale goes to 1000 with one reference per sample).
 """
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from stages.params import load
 MANIFEST = Path("data/manifest")
 MODELS = Path("models")
 OUT = Path("eval")
+SCALE_100 = {"bleu", "rouge_l", "meteor"}   # already 0-100; the other metrics are fractions
 
 
 def batches(rows, size):
@@ -48,6 +50,20 @@ def answer_vlm(path: str, family: str, rows: list[dict], p: dict) -> list[str]:
     return [answer.strip() for answer in answers]
 
 
+def write_comparison(out: Path, metrics: dict) -> None:
+    """One bar per (metric, model). Fractions become percents so that they share an axis with BLEU, ROUGE-L and
+    METEOR; CIDEr-D gets a plot of its own."""
+    table, cider = ["entry,score"], ["entry,score"]
+    for name, scores in metrics.items():
+        for metric, value in scores.items():
+            if metric == "cider_d":
+                cider.append(f"cider_d / {name},{value}")
+            else:
+                table.append(f"{metric} / {name},{value if metric in SCALE_100 else round(100 * value, 2)}")
+    (out / "comparison.csv").write_text("\n".join(table) + "\n")
+    (out / "cider_d.csv").write_text("\n".join(cider) + "\n")
+
+
 def main() -> None:
     # Load
     p = load("evaluate")["evaluate"]
@@ -70,10 +86,7 @@ def main() -> None:
         write_jsonl(out / "predictions.jsonl", [
             {"model": name, "id": row["id"], "prediction": answer, "reference": row["target"]}
             for name, predicted in answers.items() for row, answer in zip(rows, predicted)])
-        # one bar per (metric, model), all on a 0-100 scale so that BLEU and accuracies share an axis
-        lines = ["entry,score"] + [f"{metric} / {name},{value if metric in ('bleu', 'rouge_l') else round(100 * value, 2)}"
-                                   for name, scores in metrics.items() for metric, value in scores.items()]
-        (out / "comparison.csv").write_text("\n".join(lines) + "\n")
+        write_comparison(out, metrics)
     for name, scores in metrics.items():
         print(f"evaluate: {name:18s} " + "  ".join(f"{k}={v}" for k, v in scores.items()))
 

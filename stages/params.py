@@ -1,7 +1,9 @@
-"""Load one stage's block of params.yaml and validate it against stages/schema/params.json.
+"""Load one stage's block of params.yaml and validate it against stages/schema/params/<block>.json.
 
 A stage calls `load("<stage>")` first thing: a typo or a wrong type in params.yaml stops it before any work, with a
-message naming the key, instead of surfacing later as a silent default or a confusing traceback.
+message naming the key, instead of surfacing later as a silent default or a confusing traceback. One schema file per
+block, so that a stage depends (in dvc.yaml) on its own schema and `base.json` only: a new push knob reruns push alone.
+No key may be named `size` or `nfiles`: DVC drops those names from its run-cache key.
 """
 import json
 import random
@@ -11,7 +13,7 @@ import jsonschema
 from ruamel.yaml import YAML  # YAML 1.2, as DVC itself reads params: `1e-3` is a float, not a string
 
 PARAMS_FILE = Path("params.yaml")
-SCHEMA_FILE = Path(__file__).parent / "schema" / "params.json"
+SCHEMA_DIR = Path(__file__).parent / "schema" / "params"
 
 
 class ParamsError(SystemExit):
@@ -21,12 +23,11 @@ class ParamsError(SystemExit):
 def load(stage: str, path: Path = PARAMS_FILE) -> dict:
     """Return {"base": ..., <stage>: ...} from `path`, validated; raise ParamsError naming the offending key."""
     document = YAML(typ="safe").load(Path(path).read_text()) or {}
-    schema = json.loads(SCHEMA_FILE.read_text())
     params = {}
     for block in ("base", stage):
         if block not in document:
             raise ParamsError(f"{path}: missing block `{block}`")
-        errors = sorted(jsonschema.Draft202012Validator(schema["properties"][block]).iter_errors(document[block]),
+        errors = sorted(jsonschema.Draft202012Validator(json.loads((SCHEMA_DIR / f"{block}.json").read_text())).iter_errors(document[block]),
                         key=lambda e: list(e.absolute_path))
         if errors:
             raise ParamsError(f"{path}: " + "; ".join(_describe(block, e) for e in errors))

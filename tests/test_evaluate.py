@@ -9,8 +9,8 @@ def test_metrics_for_both_models_and_their_untrained_twins(trained):
     metrics = json.loads((trained / "eval/metrics.json").read_text())
     assert set(metrics) == set(MODELS)
     for scores in metrics.values():
-        assert {"bleu", "rouge_l", "exact_match", "attribute_accuracy", "color_accuracy", "shape_accuracy",
-                "direction_accuracy"} <= set(scores)
+        assert {"bleu", "rouge_l", "cider_d", "meteor", "exact_match", "attribute_accuracy", "color_accuracy",
+                "shape_accuracy", "direction_accuracy"} <= set(scores)
         assert 0 <= scores["attribute_accuracy"] <= 1 and 0 <= scores["bleu"] <= 100
 
 
@@ -30,3 +30,6 @@ def test_comparison_table_has_a_bar_per_metric_and_model(trained):
     assert "attribute_accuracy / vlm" in entries and "bleu / seq2seq_untrained" in entries
     metrics = json.loads((trained / "eval/metrics.json").read_text())
     assert float(entries["attribute_accuracy / vlm"]) == round(100 * metrics["vlm"]["attribute_accuracy"], 2)
+    assert float(entries["meteor / vlm"]) == metrics["vlm"]["meteor"] and "cider_d / vlm" not in entries
+    cider = dict(line.rsplit(",", 1) for line in (trained / "eval/cider_d.csv").read_text().splitlines()[1:])
+    assert {float(cider[f"cider_d / {m}"]) for m in MODELS} == {metrics[m]["cider_d"] for m in MODELS}

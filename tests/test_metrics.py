@@ -1,6 +1,11 @@
+import functools
+
 import pytest
 
-from stages.metrics import attribute_accuracy, bleu, caption_scores, exact_match, read_attributes, rouge_l
+from stages import metrics
+
+from stages.metrics import (attribute_accuracy, bleu, caption_scores, cider_d, coco_tokens, exact_match, meteor,
+                            read_attributes, rouge_l)
 
 TRUTHS = [{"color": "red", "shape": "circle", "direction": "left"},
           {"color": "blue", "shape": "square", "direction": "up"}]
@@ -26,6 +31,30 @@ def test_attributes_are_read_back_from_the_caption():
 def test_caption_scores_add_attributes_only_when_known():
     rows = [{"target": "a red circle moves left", "attributes": TRUTHS[0]}]
     assert set(caption_scores(["a red circle moves left"], rows)) == {
-        "bleu", "rouge_l", "exact_match", "color_accuracy", "shape_accuracy", "direction_accuracy",
-        "attribute_accuracy"}
-    assert set(caption_scores(["x"], [{"target": "y"}])) == {"bleu", "rouge_l", "exact_match"}
+        "bleu", "rouge_l", "cider_d", "meteor", "exact_match", "color_accuracy", "shape_accuracy",
+        "direction_accuracy", "attribute_accuracy"}
+    assert set(caption_scores(["x"], [{"target": "y"}])) == {"bleu", "rouge_l", "cider_d", "meteor", "exact_match"}
+
+
+REFS = ["a red circle moves left", "a blue square moves up", "a green triangle moves down"]
+
+
+def test_cider_d_is_coco_captions_cider_d_times_100():
+    assert coco_tokens("A red circle, moving LEFT.\n") == "a red circle moving left"
+    assert cider_d(REFS, REFS) == pytest.approx(1000)           # 10 per caption with a single reference
+    assert cider_d(["zzz qqq", "", "xx"], REFS) == 0
+    near = cider_d(["a red circle moves right", "a blue square moves up", "a green circle moves down"], REFS)
+    assert 0 < near < 1000
+    # the Gaussian length penalty of CIDEr-D: the same words said twice score lower
+    assert cider_d([r + " " + r for r in REFS], REFS) < cider_d(REFS, REFS) / 2
+
+
+def test_meteor_runs_the_meteor_1_5_jar_on_the_wheels_java(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")                       # no system java needed
+    monkeypatch.setattr(metrics, "_meteor", functools.cache(metrics._meteor.__wrapped__))
+    assert meteor(REFS, REFS) == pytest.approx(100)
+    assert meteor(["zzz", "qqq", ""], REFS) == 0
+    # METEOR matches stems and synonyms, unlike BLEU: "moving" for "moves" still counts
+    stem = meteor(["a red circle moving left"], ["a red circle moves left"])
+    assert 60 < stem < 100 and stem > meteor(["a red circle jumps left"], ["a red circle moves left"])
+

@@ -54,10 +54,24 @@ def test_no_param_is_named_like_a_dvc_metadata_field():
     `dvc repro` restore the outputs of another value. The e2e extract test caught exactly that."""
     import json
 
-    from stages.params import SCHEMA_FILE
+    from stages.params import SCHEMA_DIR
 
     def names(schema):
         for name, sub in schema.get("properties", {}).items():
             yield name
             yield from names(sub)
-    assert not {"size", "nfiles"} & set(names(json.loads(SCHEMA_FILE.read_text())))
+    for path in SCHEMA_DIR.glob("*.json"):
+        assert not {"size", "nfiles"} & set(names(json.loads(path.read_text()))), path
+
+
+def test_each_stage_depends_on_its_own_schema_and_base_only():
+    """A new knob in one block must not rerun the other stages: dvc.yaml lists exactly the schemas a stage reads."""
+    import yaml
+
+    from stages.params import SCHEMA_DIR
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {p.stem for p in SCHEMA_DIR.glob("*.json")} == {"base", *stages}
+    for name, stage in stages.items():
+        schemas = {d for d in stage["deps"] if d.startswith("stages/schema/params")}
+        assert schemas == {"stages/schema/params/base.json", f"stages/schema/params/{name}.json"}, name

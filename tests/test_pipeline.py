@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.fake_hub import FakeHub
 
 pytestmark = pytest.mark.e2e
 ALL = {"collect", "extract", "manifest", "train_seq2seq", "train_vlm", "evaluate", "push"}
@@ -44,8 +46,8 @@ def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args], cwd=repo, check=True)
 
 
-def dvc(repo: Path, *args: str) -> str:
-    result = subprocess.run(["dvc", *args], cwd=repo, env=ENV, capture_output=True, text=True)
+def dvc(repo: Path, *args: str, env: dict | None = None) -> str:
+    result = subprocess.run(["dvc", *args], cwd=repo, env=env or ENV, capture_output=True, text=True)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
@@ -100,7 +102,8 @@ def test_plots_and_metrics_show(pipeline):
     assert "attribute_accuracy" in dvc(repo, "metrics", "show")
     dvc(repo, "plots", "show", "-o", "plots_html")
     page = (repo / "plots_html" / "index.html").read_text()
-    for title in ("Training loss", "Validation loss", "Test metrics, trained vs untrained"):
+    for title in ("Training loss", "Validation loss", "Test metrics, trained vs untrained",
+                  "CIDEr-D, trained vs untrained"):
         assert title in page
 
 
@@ -128,6 +131,9 @@ def test_a_second_clone_gets_every_output_from_the_remote_without_running_a_stag
 def test_a_train_vlm_param_reruns_only_train_vlm_evaluate_and_push(pipeline):
     output = dvc(pipeline["repo"], "exp", "run", "-S", "train_vlm.learning_rate=0.0005", "-S", "train_vlm.max_steps=40")
     assert ran(output) == {"train_vlm", "evaluate", "push"}
+    diff = dvc(pipeline["repo"], "metrics", "diff")       # this experiment against the committed default
+    for metric in ("vlm.bleu", "vlm.rouge_l", "vlm.cider_d", "vlm.meteor", "vlm.attribute_accuracy"):
+        assert metric in diff, diff
 
 
 def test_an_extract_param_reruns_extract_and_what_depends_on_frames_not_collect(pipeline):
@@ -159,3 +165,41 @@ def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
     for row in shown.values():
         assert 0 <= float(row["vlm.attribute_accuracy"]) <= 1 and float(row["train_vlm.max_steps"]) == 30
     assert shown["lr-high"]["train_vlm.learning_rate"] == "0.002"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
+    repo = pipeline["repo"]
+    output = dvc(repo, "exp", "run", "-S", f"train_vlm.family={family}", "-S", "train_vlm.max_steps=60")
+    assert {"train_vlm", "evaluate", "push"} <= ran(output)
+    assert json.loads((repo / "models/vlm/training.json").read_text())["family"] == family
+    losses = [float(line.split("\t")[-1]) for line in
+              (repo / "dvclive/train_vlm/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert losses[-1] < losses[0] / 2, losses
+    assert json.loads((repo / "export/vlm/config.json").read_text())["model_type"] == family
+
+
+def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
+    repo, server = pipeline["repo"], FakeHub()
+    token = f"hf_FAKE_{secrets.token_hex(12)}"
+    env = {**ENV, "HF_TOKEN": token, "HF_ENDPOINT": server.url, "HF_USER_ID": "alice"}
+    try:
+        output = dvc(repo, "exp", "run", "-S", "push.target=hf", "-S", "push.dataset=true", env=env)
+        assert ran(output) == {"push"}
+        receipt = json.loads((repo / "export/push.json").read_text())
+        assert receipt["models"]["vlm"]["repo"] == "alice/video-lm-vlm" and receipt["dataset"]["uploaded"]
+        assert "model.safetensors" in server.files("alice/video-lm-vlm")
+        uploads = [r for r in server.requests if "/commit/" in r["path"] or r["path"] == "/api/repos/create"]
+        assert {r["authorization"] for r in uploads} == {f"Bearer {token}"}             # it was used ...
+
+        commits = len(server.calls("POST", "/commit/"))
+        output += dvc(repo, "repro", "-s", "-f", "push", env=env)                   # a forced rerun uploads nothing
+        assert len(server.calls("POST", "/commit/")) == commits
+        assert not json.loads((repo / "export/push.json").read_text())["models"]["vlm"]["uploaded"]
+    finally:
+        server.close()
+    # ... and is in no file of the repository (data/, models/, eval/, export/, dvclive/, dvc.lock, .dvc/ and its
+    # cache and logs, .git/) nor in what the stages printed
+    assert token not in output
+    leaks = [str(path) for path in repo.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
+    assert leaks == []

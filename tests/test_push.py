@@ -1,12 +1,17 @@
+import json
 import shutil
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from stages import push, vlm
 from stages.files import read_jsonl
-from tests.conftest import inside
+from tests.conftest import inside, write_params
+from tests.fake_hub import FakeHub
+
+TOKEN = "hf_push_test_token"
 
 LOCK = {"schema": "2.0", "stages": {
     "train_seq2seq": {"cmd": "python -m stages.train_seq2seq", "deps": [
@@ -17,14 +22,31 @@ LOCK = {"schema": "2.0", "stages": {
         {"path": "data/manifest/train.jsonl", "md5": "1" * 32, "size": 1}]}}}
 
 
-@pytest.fixture
-def exported(trained, tmp_path):
+def workspace_with_lock(trained, tmp_path, push_params=None):
     folder = tmp_path / "ws"
     shutil.copytree(trained, folder)
     (folder / "dvc.lock").write_text(yaml.safe_dump(LOCK))
+    if push_params:
+        write_params(folder, {"push": push_params})
+    return folder
+
+
+@pytest.fixture
+def exported(trained, tmp_path):
+    folder = workspace_with_lock(trained, tmp_path)
     with inside(folder):
         push.main()
     return folder / "export"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    server = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_USER_ID", "alice")
+    yield server
+    server.close()
 
 
 def front_matter(card: str) -> dict:
@@ -42,6 +64,7 @@ def test_export_is_in_hub_layout_with_a_model_card(exported):
     assert meta["pipeline_tag"] == "image-text-to-text" and "base_model" not in meta   # tiny: no hub base
     assert "tiny model built offline" in card and "models/vlm/base" in card
     assert "learning_rate: 0.001" in card                         # the params that trained it
+    assert "Git commit: none" in card                              # the workspace copy is not a git repository
     assert f"`data/frames` | `{'3' * 32}.dir`" in card             # lineage from dvc.lock, data deps only
     assert "stages/train_seq2seq.py" not in (exported / "seq2seq" / "README.md").read_text()
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
@@ -69,3 +92,73 @@ def test_push_without_a_lock_says_how_to_get_one(trained, tmp_path):
     with inside(folder), pytest.raises(SystemExit, match="dvc.lock not found"):
         push.main()
     assert not (folder / "export").exists()
+
+
+def test_receipt_of_a_dir_export(exported):
+    receipt = json.loads((exported / "push.json").read_text())
+    assert receipt["target"] == "dir" and set(receipt["models"]) == {"seq2seq", "vlm"}
+    assert receipt["models"]["vlm"]["path"] == "export/vlm" and len(receipt["models"]["vlm"]["content_sha256"]) == 64
+
+
+def test_weights_are_split_into_shards_that_load_back(trained, tmp_path):
+    folder = workspace_with_lock(trained, tmp_path, {"max_shard_size": "200KB"})
+    with inside(folder):
+        push.main()
+    shards = sorted((folder / "export/vlm").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "export/vlm/model.safetensors.index.json").exists()
+    assert not (folder / "export/vlm/model.safetensors").exists()
+    exported = LlavaForConditionalGeneration.from_pretrained(folder / "export/vlm").state_dict()
+    original = LlavaForConditionalGeneration.from_pretrained(trained / "models/vlm/model").state_dict()
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_hf_target_uploads_each_model_and_the_dataset_once(trained, tmp_path, fake_hub):
+    folder = workspace_with_lock(trained, tmp_path, {"target": "hf", "dataset": True})
+    with inside(folder):
+        push.main()
+    receipt = json.loads((folder / "export/push.json").read_text())
+    for name in ("seq2seq", "vlm"):
+        entry = receipt["models"][name]
+        assert entry["repo"] == f"alice/video-lm-{name}" and entry["uploaded"]
+        local = {f.relative_to(folder / "export" / name).as_posix(): f.read_bytes()
+                 for f in (folder / "export" / name).rglob("*") if f.is_file()}
+        assert {k: v for k, v in fake_hub.files(entry["repo"]).items() if k != ".gitattributes"} == local
+    data = fake_hub.files("alice/video-lm-data", "dataset")
+    assert "manifest/train.jsonl" in data and any(name.startswith("frames/") for name in data)
+    assert receipt["dataset"]["uploaded"]
+    assert "alice/video-lm-data" in front_matter((folder / "export/vlm/README.md").read_text())["datasets"]
+
+    with inside(folder):                                      # rerun, nothing changed: nothing is uploaded
+        push.main()
+    again = json.loads((folder / "export/push.json").read_text())
+    assert not any(entry["uploaded"] for entry in again["models"].values()) and not again["dataset"]["uploaded"]
+    assert [e["commit"] for e in again["models"].values()] == [e["commit"] for e in receipt["models"].values()]
+    assert len(fake_hub.calls("POST", "/commit/")) == 3
+    assert [r for r in fake_hub.requests if r["authorization"] != f"Bearer {TOKEN}"] == []
+
+
+def test_what_the_hub_holds_loads_and_generates(trained, tmp_path, fake_hub):
+    folder = workspace_with_lock(trained, tmp_path, {"target": "hf"})
+    with inside(folder):
+        push.main()
+    download = tmp_path / "download"
+    for name, data in fake_hub.files("alice/video-lm-seq2seq").items():
+        (download / name).parent.mkdir(parents=True, exist_ok=True)
+        (download / name).write_bytes(data)
+    tokenizer, model = AutoTokenizer.from_pretrained(download), AutoModelForSeq2SeqLM.from_pretrained(download)
+    assert model.generate(**tokenizer(["a red"], return_tensors="pt"), max_new_tokens=3).shape[0] == 1
+
+
+def test_hf_target_without_a_token_stops_before_writing(trained, tmp_path, monkeypatch):
+    folder = workspace_with_lock(trained, tmp_path, {"target": "hf", "namespace": "alice"})
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with inside(folder), pytest.raises(SystemExit, match="HF_TOKEN"):
+        push.main()
+    assert not (folder / "export").exists()
+
+
+def test_hf_target_needs_a_namespace(trained, tmp_path, monkeypatch):
+    folder = workspace_with_lock(trained, tmp_path, {"target": "hf"})
+    monkeypatch.delenv("HF_USER_ID", raising=False)
+    with inside(folder), pytest.raises(SystemExit, match="HF_USER_ID"):
+        push.main()

@@ -85,3 +85,48 @@ def test_generation_prompts_end_at_the_assistant_turn(tiny_llava, small_data):
     assert text.endswith("<|assistant|>\n") and rows[0]["target"] not in text
     output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert output.shape[0] == 3
+
+
+# Every family: the same guarantees through its own processor, chat template and media inputs.
+END_OF_TURN = {"llava": "<|end|>", "qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>"}
+
+
+@pytest.fixture(scope="module", params=vlm.FAMILIES)
+def tiny_family(request, small_data, tmp_path_factory):
+    fam = vlm.family(request.param)
+    rows = read_jsonl(small_data / "data/manifest/train.jsonl")
+    texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]]
+    path = fam.build_tiny(PARAMS, texts, 32, tmp_path_factory.mktemp(request.param) / "base")
+    return request.param, fam, AutoProcessor.from_pretrained(path), fam.MODEL_CLASS.from_pretrained(path)
+
+
+def test_each_family_labels_exactly_every_assistant_turn(tiny_family):
+    name, fam, processor, _ = tiny_family
+    row = row_with([("system", "You describe clips."), ("user", "<video>\nWhat moves?"), ("assistant", "a square"),
+                    ("user", "And here? <video>"), ("assistant", "a blue circle moves up")], videos=2)
+    example = vlm.encode(row, frames(2), processor, fam, 1024)
+    eot = END_OF_TURN[name]
+    assert labelled_text(processor, example) == f"a square{eot}a blue circle moves up{eot}"
+
+
+def test_each_family_trains_on_32_videos_in_a_sample_beside_a_1_video_sample(tiny_family):
+    name, fam, processor, model = tiny_family
+    many = row_with([("user", "<video>" * 32 + "\nWhich video shows a red circle?"), ("assistant", "the third")],
+                    videos=32)
+    one = row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle moves left")])
+    examples = [vlm.encode(many, frames(32), processor, fam, 4096), vlm.encode(one, frames(), processor, fam, 4096)]
+    assert labelled_text(processor, examples[0]) == f"the third{END_OF_TURN[name]}"
+    batch = vlm.collate(examples, processor.tokenizer.pad_token_id)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    with_grad = {n.split(".")[1] for n, p in model.named_parameters() if p.grad is not None and n.count(".") > 1}
+    assert {"visual", "language_model"} <= with_grad or {"vision_tower", "language_model"} <= with_grad, with_grad
+
+
+def test_each_family_generates_from_a_batch_of_prompts(tiny_family, small_data):
+    name, fam, processor, model = tiny_family
+    rows = read_jsonl(small_data / "data/manifest/test.jsonl")[:2]
+    inputs = vlm.generation_inputs(rows, processor, fam, small_data / "data/frames")
+    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[0] == 2 and output.shape[1] > inputs["input_ids"].shape[1]

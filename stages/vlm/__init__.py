@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from stages.manifest import VIDEO  # the placeholder the manifest writes, one per video
 
-FAMILIES = ("llava",)
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 IGNORE = -100          # label of every position the loss must not see
 FRAMES = Path("data/frames")
 
@@ -24,6 +24,16 @@ def family(name: str):
 def load_frames(row: dict, frames_dir: Path = FRAMES) -> list[np.ndarray]:
     """The decoded frames of each of the row's videos, uint8 [n, h, w, 3] each, from the extract shards."""
     return [load_file(str(frames_dir / video["frames"]))["frames"] for video in row["videos"]]
+
+
+def sampling_fps(row: dict) -> list[float]:
+    """Frames per second at which each of the row's videos was sampled, from the timestamps `extract` recorded."""
+    rates = []
+    for video in row["videos"]:
+        times = video.get("timestamps") or []
+        span = times[-1] - times[0] if len(times) > 1 else 0
+        rates.append((len(times) - 1) / span if span > 0 else 1.0)
+    return rates
 
 
 def to_messages(row: dict, fam, include_answers: bool = True) -> tuple[list[dict], list[int]]:
@@ -59,7 +69,8 @@ def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int)
     """
     messages, per_message = to_messages(row, fam)
     text = _render(processor, messages)
-    inputs = dict(processor(text=text, **fam.media_inputs(videos), return_tensors="pt"))
+    fps = sampling_fps(row)
+    inputs = dict(processor(text=text, **fam.media_inputs(videos, fps), return_tensors="pt"))
     ids = inputs["input_ids"][0]
     if len(ids) > max_length:
         raise ValueError(f"sample {row['id']}: {len(ids)} tokens, above train_vlm.max_length={max_length}")
@@ -74,7 +85,8 @@ def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int)
             if ids[len(ids) - len(tail):].tolist() == tail:
                 return len(ids) - len(tail)
         else:
-            prefix_ids = processor(text=prefix, **fam.media_inputs(videos[:seen]), return_tensors="pt")["input_ids"][0]
+            prefix_ids = processor(text=prefix, **fam.media_inputs(videos[:seen], fps[:seen]),
+                                   return_tensors="pt")["input_ids"][0]
             if torch.equal(ids[:len(prefix_ids)], prefix_ids):
                 return len(prefix_ids)
         raise ValueError(f"sample {row['id']}: the conversation up to turn {upto} does not tokenize as a prefix")
@@ -125,9 +137,11 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 def generation_inputs(rows: list[dict], processor, fam, frames_dir: Path = FRAMES) -> dict:
     """A left-padded batch of prompts (everything before the first answer) for `generate`."""
-    texts, videos = [], []
+    texts, videos, fps = [], [], []
     for row in rows:
         messages, per_message = to_messages(row, fam, include_answers=False)
         texts.append(_render(processor, messages, generation_prompt=True))
         videos.extend(load_frames(row, frames_dir)[:sum(per_message)])
-    return processor(text=texts, **fam.media_inputs(videos), padding=True, padding_side="left", return_tensors="pt")
+        fps.extend(sampling_fps(row)[:sum(per_message)])
+    return processor(text=texts, **fam.media_inputs(videos, fps), padding=True, padding_side="left",
+                     return_tensors="pt")
