@@ -18,6 +18,7 @@ from transformers import AutoModelForSeq2SeqLM
 from stages import hub, vlm
 from stages.files import atomic_dir, write_json
 from stages.params import load
+from stages.vlm import finetune
 
 MODELS = Path("models")
 DATA = Path("data")
@@ -48,8 +49,12 @@ def git_state() -> dict:
 
 
 def export_model(name: str, training: dict, target: Path, max_shard_size: str) -> None:
-    """The trained folder, its weights re-saved in shards of at most `max_shard_size`."""
-    source = MODELS / name / "model"
+    """The trained folder, its weights re-saved in shards of at most `max_shard_size` (a LoRA adapter, which is
+    small, as it is)."""
+    source = finetune.trained_path(MODELS / name)
+    if (source / "adapter_config.json").exists():
+        shutil.copytree(source, target)
+        return
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     model_class = vlm.family(training["family"]).MODEL_CLASS if name == "vlm" else AutoModelForSeq2SeqLM
     model_class.from_pretrained(source).save_pretrained(target, max_shard_size=max_shard_size)
@@ -61,7 +66,9 @@ def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: 
     base = training["base_model"]
     local = Path(base).exists()              # a tiny model built in models/, or a folder the user named
     scores = metrics.get(name, {})
-    front = {"library_name": "transformers", "pipeline_tag": task, "tags": ["video-language", "dvc", name],
+    adapter = training["params"].get("finetune", "full") != "full" and not training["params"]["merge_lora"]
+    front = {"library_name": "peft" if adapter else "transformers", "pipeline_tag": task,
+             "tags": ["video-language", "dvc", name],
              "metrics": [HUB_METRICS[m] for m in scores if m in HUB_METRICS],
              "model-index": [{"name": name, "results": [{"task": {"type": task}, "dataset": {
                  "name": "manifest test split", "type": dataset or "local"}, "metrics": [

@@ -46,3 +46,12 @@ def build_seq2seq(p: dict, texts, out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def save_tiny(model, processor, out: Path) -> Path:
+    """Save a tiny vision-language model and its processor to `out`, generation ending at the end-of-turn token."""
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

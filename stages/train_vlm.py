@@ -1,9 +1,11 @@
 """train_vlm: a vision-language model that sees the decoded frames and answers in text.
 
-`train_vlm.model: tiny` builds the family's tiny model (LLaVA: CLIP vision + Llama text) with a real processor and
-a tokenizer trained on our text, saves it, and loads it back by path; any other value is a local path or hub id and
-takes the same `from_pretrained` path. The loss is on the assistant answers only (stages.vlm.encode).
-Output: models/vlm/{model/, base/ (tiny only), training.json}; curves in dvclive/train_vlm/.
+`train_vlm.family` picks the model family (stages/vlm/<family>.py); `train_vlm.model: tiny` builds that family's tiny
+model with a real processor and a tokenizer trained on our text, saves it, and loads it back by path; any other value
+is a local path or hub id and takes the same `from_pretrained` path. `train_vlm.finetune` trains every weight or LoRA
+adapters (stages/vlm/finetune.py). The loss is on the assistant answers only (stages.vlm.encode).
+Output: models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), rejects.jsonl (samples over
+max_length), training.json}; curves in dvclive/train_vlm/.
 """
 import functools
 import tempfile
@@ -12,9 +14,10 @@ from pathlib import Path
 from transformers import AutoProcessor, Trainer
 
 from stages import vlm
-from stages.files import atomic_dir, read_jsonl
+from stages.files import atomic_dir, read_jsonl, write_jsonl
 from stages.params import load, seed_everything
-from stages.training import LiveCallback, save_trained, training_arguments
+from stages.training import LiveCallback, training_arguments, write_record
+from stages.vlm import finetune
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/vlm")
@@ -36,12 +39,25 @@ def main() -> None:
             frame_size = vlm.load_frames(train_rows[0])[0].shape[1]
             base = str(fam.build_tiny(p["tiny"], texts, frame_size, out / "base"))
         processor = AutoProcessor.from_pretrained(base)
-        model = fam.MODEL_CLASS.from_pretrained(base)
+        model = finetune.prepare(finetune.load(fam, base, p), fam, p)
+
+        # Keep the samples that fit max_length whole (media tokens are never cut); record the others
+        rejects = vlm.over_budget(train_rows + val_rows, processor, fam, p["max_length"])
+        rejected = {reject["id"] for reject in rejects}
+        train_rows, val_rows = ([row for row in rows if row["id"] not in rejected] for rows in (train_rows, val_rows))
+        write_jsonl(out / "rejects.jsonl", rejects)
+        if not train_rows or not val_rows:
+            shortest = min(reject["tokens"] for reject in rejects)
+            raise SystemExit(f"train_vlm: every train or val sample is longer than train_vlm.max_length="
+                             f"{p['max_length']} tokens (the shortest has {shortest}); raise max_length or extract "
+                             f"fewer frames")
 
         # Train
         datasets = [vlm.ManifestDataset(rows, processor, fam, p["max_length"]) for rows in (train_rows, val_rows)]
         with tempfile.TemporaryDirectory() as scratch:
-            args = training_arguments(p, seed, scratch, remove_unused_columns=False)
+            args = training_arguments(p, seed, scratch, remove_unused_columns=False, bf16=finetune.use_bf16(p),
+                                      activation_checkpointing=p["gradient_checkpointing"],
+                                      activation_checkpointing_kwargs={"use_reentrant": False})
             trainer = Trainer(
                 model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
                 data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
@@ -49,9 +65,10 @@ def main() -> None:
             result = trainer.train()
 
         # Save
-        save_trained(trainer, result, out, OUT, base, p, family=p["family"])
-        processor.save_pretrained(out / "model")
-    print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
+        finetune.save(trainer, processor, out, base.replace(str(out), str(OUT)), p, fam)
+        write_record(out, OUT, base, p, result, family=p["family"], rejected=len(rejects))
+    print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "
+          f"{len(rejects)} samples over the token budget -> {OUT}/")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,17 @@ def training_arguments(p: dict, seed: int, output_dir: str, args_class=TrainingA
 
 
 def save_trained(trainer, result, out: Path, final: Path, base: str, p: dict, **record) -> None:
-    """Save the trained model to `out`/model and what made it to `out`/training.json.
+    """Save the trained model to `out`/model and what made it to `out`/training.json."""
+    trainer.save_model(out / "model")
+    (out / "model" / "training_args.bin").unlink()  # a pickle holding a temp path: not reproducible, not needed
+    write_record(out, final, base, p, result, **record)
+
+
+def write_record(out: Path, final: Path, base: str, p: dict, result, **record) -> None:
+    """`out`/training.json: base model, params, final step and loss, and `record`.
 
     `out` is the stage's scratch folder that becomes `final`: a tiny base saved inside it is recorded by its final path.
     """
-    trainer.save_model(out / "model")
-    (out / "model" / "training_args.bin").unlink()  # a pickle holding a temp path: not reproducible, not needed
     write_json(out / "training.json", {"base_model": base.replace(str(out), str(final)), "params": p, **record,
                                        "global_step": result.global_step, "train_loss": result.training_loss})
 

@@ -167,7 +167,7 @@ def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
     assert shown["lr-high"]["train_vlm.learning_rate"] == "0.002"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "qwen2_5_vl"])
 def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
     repo = pipeline["repo"]
     output = dvc(repo, "exp", "run", "-S", f"train_vlm.family={family}", "-S", "train_vlm.max_steps=60")
@@ -177,6 +177,16 @@ def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
               (repo / "dvclive/train_vlm/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert losses[-1] < losses[0] / 2, losses
     assert json.loads((repo / "export/vlm/config.json").read_text())["model_type"] == family
+
+
+def test_a_lora_adapter_is_evaluated_and_exported_as_an_adapter(pipeline):
+    repo = pipeline["repo"]
+    output = dvc(repo, "exp", "run", "-S", "train_vlm.finetune=lora", "-S", "train_vlm.max_steps=20")
+    assert {"train_vlm", "evaluate", "push"} <= ran(output)
+    assert not (repo / "models/vlm/model").exists() and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
+    assert (repo / "export/vlm/adapter_config.json").exists()
+    assert "library_name: peft" in (repo / "export/vlm/README.md").read_text()
+    assert json.loads((repo / "eval/metrics.json").read_text())["vlm"].keys() >= {"bleu", "cider_d"}
 
 
 def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):

@@ -1,8 +1,12 @@
 import json
 
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration, SmolVLMForConditionalGeneration
 
-from stages import train_vlm
+from stages import train_vlm, vlm
+from stages.files import read_jsonl
+from tests.conftest import SMALL, write_params
 from tests.test_train_seq2seq import read_curve
 
 
@@ -17,3 +21,56 @@ def test_trains_the_tiny_llava_and_saves_it_loadable_by_path(workspace):
         assert LlavaForConditionalGeneration.from_pretrained(path).config.vision_config.image_size == 32
     curve = read_curve(workspace / "dvclive/train_vlm/plots/metrics/train/loss.tsv")
     assert len(curve) == 8 and curve[-1][1] < curve[0][1]
+
+
+def test_lora_saves_an_adapter_and_a_merged_model_that_load_with_plain_transformers_and_agree(workspace):
+    write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "family": "smolvlm", "finetune": "lora",
+                                                   "merge_lora": True, "gradient_checkpointing": True,
+                                                   "attn_implementation": "eager"}})
+    train_vlm.main()
+    fam = vlm.family("smolvlm")
+    adapter = json.loads((workspace / "models/vlm/adapter/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "models/vlm/base"   # the final place, not the scratch folder
+    rows = read_jsonl(workspace / "data/manifest/test.jsonl")[:2]
+    logits = {}
+    for folder in ("models/vlm/adapter", "models/vlm/model"):
+        processor = AutoProcessor.from_pretrained(folder)
+        model = SmolVLMForConditionalGeneration.from_pretrained(folder).eval()
+        inputs = vlm.generation_inputs(rows, processor, fam)
+        with torch.no_grad():
+            logits[folder] = model(**inputs).logits
+            assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[0] == 2
+    assert torch.allclose(*logits.values(), atol=1e-4)
+    base = SmolVLMForConditionalGeneration.from_pretrained("models/vlm/base").eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(**inputs).logits, logits["models/vlm/model"], atol=1e-4)  # it did train
+
+
+def test_full_finetune_with_a_frozen_vision_tower_leaves_it_as_loaded(workspace):
+    write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "freeze_vision": True}})
+    train_vlm.main()
+    base = LlavaForConditionalGeneration.from_pretrained("models/vlm/base").state_dict()
+    trained = LlavaForConditionalGeneration.from_pretrained("models/vlm/model").state_dict()
+    changed = {name for name in base if not torch.equal(base[name], trained[name])}
+    assert changed and not any(name.startswith("model.vision_tower.") for name in changed)
+    assert any(name.startswith("model.multi_modal_projector.") for name in changed)
+
+
+def test_samples_over_the_token_budget_are_left_out_and_recorded_never_cut(workspace):
+    processor_rows = read_jsonl(workspace / "data/manifest/train.jsonl") + read_jsonl(
+        workspace / "data/manifest/val.jsonl")
+    train_vlm.main()                           # builds the tiny processor; count every sample's tokens with it
+    processor = AutoProcessor.from_pretrained("models/vlm/base")
+    counts = {r["id"]: r["tokens"] for r in vlm.over_budget(processor_rows, processor, vlm.family("llava"), 0)}
+    limit = max(counts.values()) - 1
+    write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "max_length": limit}})
+    train_vlm.main()
+    rejects = read_jsonl(workspace / "models/vlm/rejects.jsonl")
+    assert {r["id"] for r in rejects} == {i for i, n in counts.items() if n > limit} and rejects
+    assert all(r["reason"] == "over_token_budget" and r["tokens"] > limit == r["max_length"] for r in rejects)
+    assert json.loads((workspace / "models/vlm/training.json").read_text())["rejected"] == len(rejects)
+
+    write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "max_length": min(counts.values()) - 1}})
+    with pytest.raises(SystemExit, match=r"every train or val sample is longer than train_vlm.max_length=\d+ tokens"):
+        train_vlm.main()
+    assert not (workspace / "models/vlm.partial").exists()

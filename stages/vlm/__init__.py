@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from stages.manifest import VIDEO  # the placeholder the manifest writes, one per video
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "smolvlm", "qwen2_vl", "qwen2_5_vl")
 IGNORE = -100          # label of every position the loss must not see
 FRAMES = Path("data/frames")
 
@@ -34,6 +34,28 @@ def sampling_fps(row: dict) -> list[float]:
         span = times[-1] - times[0] if len(times) > 1 else 0
         rates.append((len(times) - 1) / span if span > 0 else 1.0)
     return rates
+
+
+def video_parts(text_parts: list[str], frames_per_video: list[int]) -> list[dict]:
+    """Content parts of a user turn for families with native video input: text_parts[i] precedes video i, and each
+    video is one video part."""
+    content = []
+    for index, text in enumerate(text_parts):
+        if text:
+            content.append({"type": "text", "text": text})
+        if index < len(frames_per_video):
+            content.append({"type": "video"})
+    return content
+
+
+def video_inputs(frames_per_video: list, fps: list[float]) -> dict:
+    """Processor keyword arguments for families with native video input: the videos as they are (uint8
+    [n, h, w, 3]), already sampled by `extract`, with their sampling rate as metadata (frame times come from it)."""
+    if not frames_per_video:
+        return {}
+    metadata = [{"fps": rate, "total_num_frames": len(video), "frames_indices": list(range(len(video)))}
+                for video, rate in zip(frames_per_video, fps)]
+    return {"videos": list(frames_per_video), "video_metadata": metadata, "do_sample_frames": False}
 
 
 def to_messages(row: dict, fam, include_answers: bool = True) -> tuple[list[dict], list[int]]:
@@ -104,6 +126,22 @@ def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int)
     return {**inputs, "labels": labels}
 
 
+def over_budget(rows: list[dict], processor, fam, max_length: int, frames_dir: Path = FRAMES) -> list[dict]:
+    """A record for each row whose whole conversation, media tokens included, is longer than `max_length`.
+
+    Such rows are left out, never truncated: a cut inside a video's tokens would leave media without its tokens.
+    """
+    rejects = []
+    for row in rows:
+        messages, _ = to_messages(row, fam)
+        media = fam.media_inputs(load_frames(row, frames_dir), sampling_fps(row))
+        tokens = processor(text=_render(processor, messages), **media, return_tensors="pt")["input_ids"].shape[1]
+        if tokens > max_length:
+            rejects.append({"id": row["id"], "reason": "over_token_budget", "tokens": tokens,
+                            "max_length": max_length})
+    return rejects
+
+
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
@@ -116,8 +154,21 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
             fill = IGNORE if key == "labels" else pad_token_id if key == "input_ids" else 0
             batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
         else:
-            batch[key] = torch.cat(values)
+            batch[key] = torch.cat(pad_to_common_shape(values))
     return batch
+
+
+def pad_to_common_shape(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad media tensors to one shape after dim 0. SmolVLM pads a sample's videos to its longest one
+    ([videos, frames, 3, h, w]); across samples the frame counts differ too, and it skips all-zero frames."""
+    shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+    padded = []
+    for tensor in tensors:
+        # F.pad takes (before, after) pairs from the last dim backwards; pad after only
+        pad = [amount for size, target in zip(reversed(tensor.shape[1:]), reversed(shape))
+               for amount in (0, target - size)]
+        padded.append(torch.nn.functional.pad(tensor, pad) if any(pad) else tensor)
+    return padded
 
 
 class ManifestDataset(torch.utils.data.Dataset):

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor)
 
-from stages.tiny import train_tokenizer
+from stages.tiny import save_tiny, train_tokenizer
 
 IMAGE = "<image>"
 END_OF_TURN = "<|end|>"
@@ -21,6 +21,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 MODEL_CLASS = LlavaForConditionalGeneration
+# the model's vision tower, vision-to-text projector and language model (for the finetune switches)
+VISION, PROJECTOR, LANGUAGE = "model.vision_tower", "model.multi_modal_projector", "model.language_model"
 
 
 def user_content(text_parts: list[str], frames_per_video: list[int]) -> list[dict]:
@@ -60,9 +62,4 @@ def build_tiny(p: dict, texts, frame_size: int, out: Path) -> Path:
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
                          projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(LlavaForConditionalGeneration(config), processor, out)

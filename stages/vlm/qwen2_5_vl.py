@@ -3,7 +3,8 @@ time positions), with its windowed-attention vision tower. Only the classes and 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from stages.vlm import qwen2_vl
-from stages.vlm.qwen2_vl import CHAT_TEMPLATE, MERGE, TEMPORAL, media_inputs, user_content  # noqa: F401 (the family API)
+from stages.vlm.qwen2_vl import (LANGUAGE, MERGE, PROJECTOR, TEMPORAL, VISION, media_inputs,  # noqa: F401 (family API)
+                                 user_content)
 
 MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
 

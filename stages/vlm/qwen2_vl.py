@@ -10,7 +10,8 @@ from pathlib import Path
 from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                           Qwen2VLVideoProcessor)
 
-from stages.tiny import train_tokenizer
+from stages import vlm
+from stages.tiny import save_tiny, train_tokenizer
 
 VIDEO_PAD, IMAGE_PAD = "<|video_pad|>", "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -25,27 +26,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MODEL_CLASS = Qwen2VLForConditionalGeneration
+# the model's vision tower, vision-to-text projector and language model (for the finetune switches)
+VISION, PROJECTOR, LANGUAGE = "model.visual", "model.visual.merger", "model.language_model"
 MERGE, TEMPORAL = 2, 2     # 2x2 patches merge into one token; frames go in pairs
 
 
-def user_content(text_parts: list[str], frames_per_video: list[int]) -> list[dict]:
-    """Content parts of a user turn: text_parts[i] precedes video i; each video is one video part."""
-    content = []
-    for index, text in enumerate(text_parts):
-        if text:
-            content.append({"type": "text", "text": text})
-        if index < len(frames_per_video):
-            content.append({"type": "video"})
-    return content
-
-
-def media_inputs(frames_per_video: list, fps: list[float]) -> dict:
-    """Processor keyword arguments: the videos as they are (uint8 [n, h, w, 3]), already sampled by `extract`."""
-    if not frames_per_video:
-        return {}
-    metadata = [{"fps": rate, "total_num_frames": len(video), "frames_indices": list(range(len(video)))}
-                for video, rate in zip(frames_per_video, fps)]
-    return {"videos": list(frames_per_video), "video_metadata": metadata, "do_sample_frames": False}
+user_content, media_inputs = vlm.video_parts, vlm.video_inputs
 
 
 def build_tiny(p: dict, texts, frame_size: int, out: Path, model_class=MODEL_CLASS, config_class=Qwen2VLConfig,
@@ -76,12 +62,7 @@ def build_tiny(p: dict, texts, frame_size: int, out: Path, model_class=MODEL_CLA
         vision_config=vision or vision_config(p),
         image_token_id=token(IMAGE_PAD), video_token_id=token(VIDEO_PAD),
         vision_start_token_id=token(VISION_START), vision_end_token_id=token(VISION_END))
-    model = model_class(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(model_class(config), processor, out)
 
 
 def vision_config(p: dict) -> dict:
