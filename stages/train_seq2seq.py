@@ -5,7 +5,6 @@ from the video's text metadata and the question; it never sees pixels.
 loads them back by path; any other value is a local path or hub id and takes the same `from_pretrained` path.
 Output: models/seq2seq/{model/, base/ (tiny only), training.json}; curves in dvclive/train_seq2seq/.
 """
-import tempfile
 from pathlib import Path
 
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
@@ -14,7 +13,8 @@ from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForS
 from stages import tiny
 from stages.files import atomic_dir, read_jsonl
 from stages.params import load, seed_everything
-from stages.training import LiveCallback, save_trained, training_arguments
+from stages.training import (LiveCallback, checkpoint_folder, last_checkpoint, remove_checkpoints, save_trained,
+                             training_arguments)
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/seq2seq")
@@ -50,18 +50,20 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForSeq2SeqLM.from_pretrained(base)
 
-        # Train
-        with tempfile.TemporaryDirectory() as scratch:
-            args = training_arguments(p, seed, scratch, Seq2SeqTrainingArguments)
-            trainer = Seq2SeqTrainer(
-                model=model, args=args, train_dataset=encode(train_rows, tokenizer, p),
-                eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,
-                data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-                callbacks=[LiveCallback("dvclive/train_seq2seq")])
-            result = trainer.train()
+        # Train (resuming from the last checkpoint of this very run, if a crash or a kill left one)
+        checkpoints = checkpoint_folder("train_seq2seq", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl"])
+        args = training_arguments(p, seed, str(checkpoints), Seq2SeqTrainingArguments)
+        trainer = Seq2SeqTrainer(
+            model=model, args=args, train_dataset=encode(train_rows, tokenizer, p),
+            eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+            callbacks=[LiveCallback("dvclive/train_seq2seq")])
+        resume = last_checkpoint(checkpoints)
+        result = trainer.train(resume_from_checkpoint=resume)
 
         # Save
-        save_trained(trainer, result, out, OUT, base, p)
+        save_trained(trainer, result, out, OUT, base, p, resumed_from=resume and Path(resume).name)
+    remove_checkpoints("train_seq2seq")
     print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
 
 

@@ -8,7 +8,6 @@ Output: models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), 
 max_length), training.json}; curves in dvclive/train_vlm/.
 """
 import functools
-import tempfile
 from pathlib import Path
 
 from transformers import AutoProcessor, Trainer
@@ -16,7 +15,8 @@ from transformers import AutoProcessor, Trainer
 from stages import vlm
 from stages.files import atomic_dir, read_jsonl, write_jsonl
 from stages.params import load, seed_everything
-from stages.training import LiveCallback, training_arguments, write_record
+from stages.training import (LiveCallback, checkpoint_folder, last_checkpoint, remove_checkpoints, training_arguments,
+                             write_record)
 from stages.vlm import finetune
 
 MANIFEST = Path("data/manifest")
@@ -52,21 +52,25 @@ def main() -> None:
                              f"{p['max_length']} tokens (the shortest has {shortest}); raise max_length or extract "
                              f"fewer frames")
 
-        # Train
+        # Train (resuming from the last checkpoint of this very run, if a crash or a kill left one)
         datasets = [vlm.ManifestDataset(rows, processor, fam, p["max_length"]) for rows in (train_rows, val_rows)]
-        with tempfile.TemporaryDirectory() as scratch:
-            args = training_arguments(p, seed, scratch, remove_unused_columns=False, bf16=finetune.use_bf16(p),
-                                      activation_checkpointing=p["gradient_checkpointing"],
-                                      activation_checkpointing_kwargs={"use_reentrant": False})
-            trainer = Trainer(
-                model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
-                data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
-                callbacks=[LiveCallback("dvclive/train_vlm")])
-            result = trainer.train()
+        checkpoints = checkpoint_folder("train_vlm", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl",
+                                                               vlm.FRAMES])
+        args = training_arguments(p, seed, str(checkpoints), remove_unused_columns=False, bf16=finetune.use_bf16(p),
+                                  activation_checkpointing=p["gradient_checkpointing"],
+                                  activation_checkpointing_kwargs={"use_reentrant": False})
+        trainer = Trainer(
+            model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
+            data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
+            callbacks=[LiveCallback("dvclive/train_vlm")])
+        resume = last_checkpoint(checkpoints)
+        result = trainer.train(resume_from_checkpoint=resume)
 
         # Save
         finetune.save(trainer, processor, out, base.replace(str(out), str(OUT)), p, fam)
-        write_record(out, OUT, base, p, result, family=p["family"], rejected=len(rejects))
+        write_record(out, OUT, base, p, result, family=p["family"], rejected=len(rejects),
+                     resumed_from=resume and Path(resume).name)
+    remove_checkpoints("train_vlm")
     print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "
           f"{len(rejects)} samples over the token budget -> {OUT}/")
 

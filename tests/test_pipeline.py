@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ruamel.yaml import YAML
 
 from tests.conftest import REPO
 from tests.fake_hub import FakeHub
+from tests.test_training import wait_for_checkpoint
 
 pytestmark = pytest.mark.e2e
 ALL = {"collect", "extract", "manifest", "train_seq2seq", "train_vlm", "evaluate", "push"}
@@ -179,16 +182,6 @@ def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
     assert json.loads((repo / "export/vlm/config.json").read_text())["model_type"] == family
 
 
-def test_a_lora_adapter_is_evaluated_and_exported_as_an_adapter(pipeline):
-    repo = pipeline["repo"]
-    output = dvc(repo, "exp", "run", "-S", "train_vlm.finetune=lora", "-S", "train_vlm.max_steps=20")
-    assert {"train_vlm", "evaluate", "push"} <= ran(output)
-    assert not (repo / "models/vlm/model").exists() and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
-    assert (repo / "export/vlm/adapter_config.json").exists()
-    assert "library_name: peft" in (repo / "export/vlm/README.md").read_text()
-    assert json.loads((repo / "eval/metrics.json").read_text())["vlm"].keys() >= {"bleu", "cider_d"}
-
-
 def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
     repo, server = pipeline["repo"], FakeHub()
     token = f"hf_FAKE_{secrets.token_hex(12)}"
@@ -213,3 +206,33 @@ def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
     assert token not in output
     leaks = [str(path) for path in repo.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
     assert leaks == []
+
+
+def test_a_lora_adapter_is_evaluated_and_exported_as_an_adapter(pipeline):
+    repo = pipeline["repo"]
+    output = dvc(repo, "exp", "run", "-S", "train_vlm.finetune=lora", "-S", "train_vlm.max_steps=20")
+    assert {"train_vlm", "evaluate", "push"} <= ran(output)
+    assert not (repo / "models/vlm/model").exists() and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
+    assert (repo / "export/vlm/adapter_config.json").exists()
+    assert "library_name: peft" in (repo / "export/vlm/README.md").read_text()
+    assert json.loads((repo / "eval/metrics.json").read_text())["vlm"].keys() >= {"bleu", "cider_d"}
+
+
+def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(pipeline):
+    repo = pipeline["repo"]
+    yaml_rt = YAML()
+    params = yaml_rt.load((repo / "params.yaml").read_text())
+    params["train_seq2seq"].update({"max_steps": 300, "save_steps": 50})
+    with open(repo / "params.yaml", "w") as f:
+        yaml_rt.dump(params, f)
+    process = subprocess.Popen(["dvc", "repro", "train_seq2seq"], cwd=repo, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    saved = wait_for_checkpoint(process, repo / "checkpoints/train_seq2seq")
+    os.killpg(process.pid, signal.SIGKILL)              # kill -9 of dvc and the stage it runs
+    process.wait()
+
+    output = dvc(repo, "repro", "train_seq2seq")
+    assert ran(output) == {"train_seq2seq"}
+    training = json.loads((repo / "models/seq2seq/training.json").read_text())
+    assert int(training["resumed_from"].removeprefix("checkpoint-")) >= saved and training["global_step"] == 300
+    assert not (repo / "checkpoints").exists() and not list((repo / "models").rglob("checkpoint-*"))

@@ -131,6 +131,17 @@ def test_each_family_batches_samples_with_different_video_and_frame_counts(tiny_
     assert torch.allclose(loss, expected, atol=1e-4), (loss, expected)
 
 
+@pytest.mark.parametrize("name", vlm.FAMILIES)
+def test_each_family_takes_frames_whose_side_is_no_multiple_of_its_patch_grid(name, small_data, tmp_path):
+    fam = vlm.family(name)
+    base = fam.build_tiny(PARAMS, ["a red circle moves left"] * 50, 24, tmp_path / "base")  # 3 x 3 patches of 8 px
+    processor, model = AutoProcessor.from_pretrained(base), fam.MODEL_CLASS.from_pretrained(base)
+    row = row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")])
+    video = [np.random.default_rng(0).integers(0, 255, (4, 24, 24, 3), dtype=np.uint8)]
+    batch = vlm.collate([vlm.encode(row, video, processor, fam, 4096)], processor.tokenizer.pad_token_id)
+    assert torch.isfinite(model(**batch).loss)
+
+
 def test_each_family_generates_from_a_batch_of_prompts(tiny_family, small_data):
     name, fam, processor, model = tiny_family
     rows = read_jsonl(small_data / "data/manifest/test.jsonl")[:2]

@@ -35,16 +35,19 @@ def build_tiny(p: dict, texts, frame_size: int, out: Path) -> Path:
                                 eos_token=END_OF_TURN, image_token=IMAGE, video_token=VIDEO,
                                 fake_image_token=FAKE_IMAGE, global_image_token=GLOBAL_IMAGE,
                                 end_of_utterance_token=END_OF_TURN)
-    side = {"longest_edge": frame_size}
+    # frames are resized to a side the pixel shuffle can fold: a multiple of patch_size x SCALE
+    unit = p["patch_size"] * SCALE
+    side = -(-frame_size // unit) * unit
     processor = SmolVLMProcessor(
-        image_processor=SmolVLMImageProcessor(size=side, max_image_size=side, do_image_splitting=False),
-        video_processor=SmolVLMVideoProcessor(size=side, max_image_size=side),
-        tokenizer=tokenizer, image_seq_len=(frame_size // p["patch_size"]) ** 2 // SCALE ** 2,
+        image_processor=SmolVLMImageProcessor(size={"longest_edge": side}, max_image_size={"longest_edge": side},
+                                              do_image_splitting=False),
+        video_processor=SmolVLMVideoProcessor(size={"longest_edge": side}, max_image_size={"longest_edge": side}),
+        tokenizer=tokenizer, image_seq_len=(side // p["patch_size"]) ** 2 // SCALE ** 2,
         chat_template=DEFAULT_CHAT_TEMPLATE)
     config = SmolVLMConfig(
         vision_config=dict(hidden_size=p["vision_hidden"], intermediate_size=2 * p["vision_hidden"],
                            num_hidden_layers=p["vision_layers"], num_attention_heads=p["heads"],
-                           image_size=frame_size, patch_size=p["patch_size"]),
+                           image_size=side, patch_size=p["patch_size"]),
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=p["text_hidden"],
                          intermediate_size=2 * p["text_hidden"], num_hidden_layers=p["text_layers"],
                          num_attention_heads=p["heads"], num_key_value_heads=p["heads"],
