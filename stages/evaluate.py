@@ -15,7 +15,7 @@ from stages import vlm
 from stages.files import atomic_files, read_jsonl, write_json, write_jsonl
 from stages.metrics import caption_scores
 from stages.params import load
-from stages.vlm import finetune
+from stages.training import trained_path
 
 MANIFEST = Path("data/manifest")
 MODELS = Path("models")
@@ -76,7 +76,7 @@ def main() -> None:
     answers = {
         "seq2seq": answer_seq2seq(str(MODELS / "seq2seq" / "model"), rows, p),
         "seq2seq_untrained": answer_seq2seq(seq2seq["base_model"], rows, p),
-        "vlm": answer_vlm(str(finetune.trained_path(MODELS / "vlm")), vision["family"], rows, p),
+        "vlm": answer_vlm(str(trained_path(MODELS / "vlm")), vision["family"], rows, p),
         "vlm_untrained": answer_vlm(vision["base_model"], vision["family"], rows, p),
     }
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForSeq2SeqLM
 from stages import hub, vlm
 from stages.files import atomic_dir, write_json
 from stages.params import load
-from stages.vlm import finetune
+from stages.training import trained_path
 
 MODELS = Path("models")
 DATA = Path("data")
@@ -51,7 +51,7 @@ def git_state() -> dict:
 def export_model(name: str, training: dict, target: Path, max_shard_size: str) -> None:
     """The trained folder, its weights re-saved in shards of at most `max_shard_size` (a LoRA adapter, which is
     small, as it is)."""
-    source = finetune.trained_path(MODELS / name)
+    source = trained_path(MODELS / name)
     if (source / "adapter_config.json").exists():
         shutil.copytree(source, target)
         return

@@ -3,18 +3,21 @@ from the video's text metadata and the question; it never sees pixels.
 
 `train_seq2seq.model: tiny` builds an NLLB-architecture model and a tokenizer trained on our text, saves them, and
 loads them back by path; any other value is a local path or hub id and takes the same `from_pretrained` path.
-Output: models/seq2seq/{model/, base/ (tiny only), training.json}; curves in dvclive/train_seq2seq/.
+`train_seq2seq.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and
+`train_seq2seq.deepspeed` through DeepSpeed ZeRO (stages/distributed.py).
+Output: models/seq2seq/{model/, base/ (tiny only), training.json, deepspeed.json (with DeepSpeed)}; curves in
+dvclive/train_seq2seq/.
 """
 from pathlib import Path
 
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
                           Seq2SeqTrainingArguments)
 
-from stages import tiny
-from stages.files import atomic_dir, read_jsonl
+from stages import distributed, tiny
+from stages.files import read_jsonl
 from stages.params import load, seed_everything
-from stages.training import (LiveCallback, checkpoint_folder, last_checkpoint, remove_checkpoints, save_trained,
-                             training_arguments)
+from stages.training import (LiveCallback, StepTimer, checkpoint_folder, last_checkpoint, remove_checkpoints,
+                             save_model, training_arguments, write_record)
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/seq2seq")
@@ -38,33 +41,46 @@ def main() -> None:
     # Load
     params = load("train_seq2seq")
     p, seed = params["train_seq2seq"], params["base"]["seed"]
+    distributed.launch("stages.train_seq2seq", p)   # under torchrun / accelerate / deepspeed, when configured
     seed_everything(seed)
     train_rows, val_rows = read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl")
 
-    with atomic_dir(OUT) as out:
-        # Build
+    with distributed.output_dir(OUT) as out:
+        # Build (the main process builds the tiny model before any process joins the group, where ZeRO-3 would
+        # partition it; the others wait for it below)
         base = p["model"]
         if base == "tiny":
-            texts = [text for row in train_rows for text in (row["source"], row["target"])]
-            base = str(tiny.build_seq2seq(p["tiny"], texts, out / "base"))
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForSeq2SeqLM.from_pretrained(base)
-
-        # Train (resuming from the last checkpoint of this very run, if a crash or a kill left one)
+            if distributed.is_main_process():
+                texts = [text for row in train_rows for text in (row["source"], row["target"])]
+                tiny.build_seq2seq(p["tiny"], texts, out / "base")
+            base = str(out / "base")
+        # checkpoints of this very run, if a crash or a kill left some; the arguments join the process group
         checkpoints = checkpoint_folder("train_seq2seq", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl"])
         args = training_arguments(p, seed, str(checkpoints), Seq2SeqTrainingArguments)
+        distributed.barrier()
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForSeq2SeqLM.from_pretrained(base)
+        # NLLB, T5 and BART average their loss over their own tokens inside forward, though forward takes **kwargs:
+        # without this the Trainer multiplies that mean by the number of processes and skips the division by the
+        # accumulation steps, both meant for a loss summed over tokens (transformers 5.23)
+        model.accepts_loss_kwargs = False
+
+        # Train
+        timer = StepTimer()
         trainer = Seq2SeqTrainer(
             model=model, args=args, train_dataset=encode(train_rows, tokenizer, p),
             eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-            callbacks=[LiveCallback("dvclive/train_seq2seq")])
+            callbacks=[timer, LiveCallback("dvclive/train_seq2seq")])
         resume = last_checkpoint(checkpoints)
         result = trainer.train(resume_from_checkpoint=resume)
 
         # Save
-        save_trained(trainer, result, out, OUT, base, p, resumed_from=resume and Path(resume).name)
-    remove_checkpoints("train_seq2seq")
-    print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
+        save_model(trainer, out / "model")
+        write_record(trainer, out, OUT, base, p, result, resumed_from=resume and Path(resume).name, **timer.summary())
+    if distributed.is_main_process():
+        remove_checkpoints("train_seq2seq")
+        print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
 
 
 if __name__ == "__main__":

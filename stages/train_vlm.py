@@ -4,19 +4,21 @@
 model with a real processor and a tokenizer trained on our text, saves it, and loads it back by path; any other value
 is a local path or hub id and takes the same `from_pretrained` path. `train_vlm.finetune` trains every weight or LoRA
 adapters (stages/vlm/finetune.py). The loss is on the assistant answers only (stages.vlm.encode).
+`train_vlm.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and
+`train_vlm.deepspeed` through DeepSpeed ZeRO (stages/distributed.py); DataLoader workers encode the samples.
 Output: models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), rejects.jsonl (samples over
-max_length), training.json}; curves in dvclive/train_vlm/.
+max_length), training.json, deepspeed.json (with DeepSpeed)}; curves in dvclive/train_vlm/.
 """
 import functools
 from pathlib import Path
 
 from transformers import AutoProcessor, Trainer
 
-from stages import vlm
-from stages.files import atomic_dir, read_jsonl, write_jsonl
+from stages import distributed, vlm
+from stages.files import read_jsonl, write_jsonl
 from stages.params import load, seed_everything
-from stages.training import (LiveCallback, checkpoint_folder, last_checkpoint, remove_checkpoints, training_arguments,
-                             write_record)
+from stages.training import (LiveCallback, StepTimer, checkpoint_folder, last_checkpoint, remove_checkpoints,
+                             training_arguments, write_record)
 from stages.vlm import finetune
 
 MANIFEST = Path("data/manifest")
@@ -27,17 +29,28 @@ def main() -> None:
     # Load
     params = load("train_vlm")
     p, seed = params["train_vlm"], params["base"]["seed"]
+    distributed.launch("stages.train_vlm", p)   # under torchrun / accelerate / deepspeed, when configured
     seed_everything(seed)
     fam = vlm.family(p["family"])
     train_rows, val_rows = read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl")
 
-    with atomic_dir(OUT) as out:
-        # Build
+    with distributed.output_dir(OUT) as out:
+        # Build (the main process builds the tiny model before any process joins the group, where ZeRO-3 would
+        # partition it; the others wait for it below)
         base = p["model"]
         if base == "tiny":
-            texts = [m["content"].replace(vlm.VIDEO, "") for row in train_rows for m in row["messages"]]
-            frame_size = vlm.load_frames(train_rows[0])[0].shape[1]
-            base = str(fam.build_tiny(p["tiny"], texts, frame_size, out / "base"))
+            if distributed.is_main_process():
+                texts = [m["content"].replace(vlm.VIDEO, "") for row in train_rows for m in row["messages"]]
+                frame_size = vlm.load_frames(train_rows[0])[0].shape[1]
+                fam.build_tiny(p["tiny"], texts, frame_size, out / "base")
+            base = str(out / "base")
+        # checkpoints of this very run, if a crash or a kill left some; the arguments join the process group
+        checkpoints = checkpoint_folder("train_vlm", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl",
+                                                               vlm.FRAMES])
+        args = training_arguments(p, seed, str(checkpoints), remove_unused_columns=False,
+                                  activation_checkpointing=p["gradient_checkpointing"],
+                                  activation_checkpointing_kwargs={"use_reentrant": False})
+        distributed.barrier()
         processor = AutoProcessor.from_pretrained(base)
         model = finetune.prepare(finetune.load(fam, base, p), fam, p)
 
@@ -45,34 +58,32 @@ def main() -> None:
         rejects = vlm.over_budget(train_rows + val_rows, processor, fam, p["max_length"])
         rejected = {reject["id"] for reject in rejects}
         train_rows, val_rows = ([row for row in rows if row["id"] not in rejected] for rows in (train_rows, val_rows))
-        write_jsonl(out / "rejects.jsonl", rejects)
+        if distributed.is_main_process():
+            write_jsonl(out / "rejects.jsonl", rejects)
         if not train_rows or not val_rows:
             shortest = min(reject["tokens"] for reject in rejects)
             raise SystemExit(f"train_vlm: every train or val sample is longer than train_vlm.max_length="
                              f"{p['max_length']} tokens (the shortest has {shortest}); raise max_length or extract "
                              f"fewer frames")
 
-        # Train (resuming from the last checkpoint of this very run, if a crash or a kill left one)
+        # Train (DataLoader workers read the frame shards and encode the samples ahead of the model)
         datasets = [vlm.ManifestDataset(rows, processor, fam, p["max_length"]) for rows in (train_rows, val_rows)]
-        checkpoints = checkpoint_folder("train_vlm", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl",
-                                                               vlm.FRAMES])
-        args = training_arguments(p, seed, str(checkpoints), remove_unused_columns=False, bf16=finetune.use_bf16(p),
-                                  activation_checkpointing=p["gradient_checkpointing"],
-                                  activation_checkpointing_kwargs={"use_reentrant": False})
+        timer = StepTimer()
         trainer = Trainer(
             model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
             data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
-            callbacks=[LiveCallback("dvclive/train_vlm")])
+            callbacks=[timer, LiveCallback("dvclive/train_vlm")])
         resume = last_checkpoint(checkpoints)
         result = trainer.train(resume_from_checkpoint=resume)
 
         # Save
         finetune.save(trainer, processor, out, base.replace(str(out), str(OUT)), p, fam)
-        write_record(out, OUT, base, p, result, family=p["family"], rejected=len(rejects),
-                     resumed_from=resume and Path(resume).name)
-    remove_checkpoints("train_vlm")
-    print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "
-          f"{len(rejects)} samples over the token budget -> {OUT}/")
+        write_record(trainer, out, OUT, base, p, result, family=p["family"], rejected=len(rejects),
+                     resumed_from=resume and Path(resume).name, **timer.summary())
+    if distributed.is_main_process():
+        remove_checkpoints("train_vlm")
+        print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "
+              f"{len(rejects)} samples over the token budget -> {OUT}/")
 
 
 if __name__ == "__main__":

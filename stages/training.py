@@ -1,8 +1,10 @@
 """What both trainers share: their TrainingArguments from params, checkpoints a rerun resumes from, and curves
-logged to dvclive by optimizer step."""
+logged to dvclive by optimizer step, with how long each step waited for its data."""
+import copy
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ from dvclive import Live
 from dvclive.plots import Metric
 from transformers import TrainerCallback, TrainingArguments
 
+from stages.distributed import deepspeed_config, is_main_process
 from stages.files import write_json
 
 CHECKPOINTS = Path("checkpoints")
@@ -30,7 +33,7 @@ def checkpoint_folder(stage: str, p: dict, seed: int, inputs: list[Path]) -> Pat
         digest.update(f"{name}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     folder = CHECKPOINTS / stage / digest.hexdigest()[:16]
-    for other in (CHECKPOINTS / stage).glob("*"):
+    for other in (CHECKPOINTS / stage).glob("*") if is_main_process() else []:
         if other != folder:
             shutil.rmtree(other)
     return folder
@@ -50,49 +53,137 @@ def remove_checkpoints(stage: str) -> None:
         CHECKPOINTS.rmdir()
 
 
+def use_bf16(p: dict) -> bool:
+    """`bf16: auto` means bf16 mixed precision where the hardware has it (a CUDA GPU that supports it)."""
+    if p["bf16"] == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return p["bf16"]
+
+
 def training_arguments(p: dict, seed: int, output_dir: str, args_class=TrainingArguments, **extra):
     """One schedule for every trainer: AdamW, linear decay after 5 % warm-up, ~30 log points, 5 evaluations, the
-    latest checkpoint every `save_steps` (0: none) in `output_dir`."""
+    latest checkpoint every `save_steps` (0: none) in `output_dir`; DeepSpeed when `deepspeed.enabled`.
+
+    Creating them joins the process group when an engine launched this process: do it before loading the model, which
+    ZeRO-3 then partitions as it loads.
+    """
+    workers, deepspeed = p["data_workers"], deepspeed_config(p["deepspeed"])
     return args_class(
         output_dir=output_dir, max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
-        per_device_eval_batch_size=p["batch_size"], learning_rate=p["learning_rate"],
-        weight_decay=p["weight_decay"], warmup_steps=0.05, lr_scheduler_type="linear",
+        per_device_eval_batch_size=p["batch_size"], gradient_accumulation_steps=p["gradient_accumulation_steps"],
+        learning_rate=p["learning_rate"], weight_decay=p["weight_decay"], warmup_steps=0.05,
+        lr_scheduler_type="linear", bf16=use_bf16(p),
         logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps", eval_steps=max(1, p["max_steps"] // 5),
         save_strategy="steps" if p["save_steps"] else "no", save_steps=max(1, p["save_steps"]), save_total_limit=1,
         report_to="none", seed=seed, data_seed=seed, disable_tqdm=True,
-        dataloader_pin_memory=torch.cuda.is_available(), **extra)
+        dataloader_num_workers=workers, dataloader_prefetch_factor=p["prefetch_batches"] if workers else None,
+        dataloader_persistent_workers=workers > 0, dataloader_pin_memory=torch.cuda.is_available(),
+        deepspeed=copy.deepcopy(deepspeed),   # a copy: transformers fills in the "auto"s
+        # without CUDA, processes that an engine started form a (gloo) group only when told they are CPU processes
+        use_cpu=not torch.cuda.is_available(), **extra)
 
 
-def save_trained(trainer, result, out: Path, final: Path, base: str, p: dict, **record) -> None:
-    """Save the trained model to `out`/model and what made it to `out`/training.json."""
-    trainer.save_model(out / "model")
-    (out / "model" / "training_args.bin").unlink()  # a pickle holding a temp path: not reproducible, not needed
-    write_record(out, final, base, p, result, **record)
+def save_model(trainer, folder: Path) -> None:
+    """The Trainer's save (every process takes part: ZeRO-3 gathers the weights; rank 0 writes them)."""
+    trainer.save_model(folder)
+    if is_main_process():
+        # a pickle of the arguments, with the checkpoint path and this process's device: not reproducible, not needed
+        (folder / "training_args.bin").unlink()
 
 
-def write_record(out: Path, final: Path, base: str, p: dict, result, **record) -> None:
-    """`out`/training.json: base model, params, final step and loss, and `record`.
+def write_record(trainer, out: Path, final: Path, base: str, p: dict, result, **record) -> None:
+    """On rank 0: `out`/training.json (base model, params, how it ran, final step and loss, and `record`), and the
+    DeepSpeed config as generated, `out`/deepspeed.json.
 
     `out` is the stage's scratch folder that becomes `final`: a tiny base saved inside it is recorded by its final path.
     """
+    if not is_main_process():
+        return
+    config = deepspeed_config(p["deepspeed"])
+    if config:
+        write_json(out / "deepspeed.json", config)
+    optimizer = trainer.optimizer
+    engine = {"processes": trainer.args.world_size, "deepspeed_zero_stage": config and p["deepspeed"]["zero_stage"],
+              "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+              "optimizer_peak_lr": optimizer.param_groups[0]["initial_lr"]}   # what the optimizer got, auto or not
     write_json(out / "training.json", {"base_model": base.replace(str(out), str(final)), "params": p, **record,
-                                       "global_step": result.global_step, "train_loss": result.training_loss})
+                                       "engine": engine, "global_step": result.global_step,
+                                       "train_loss": result.training_loss})
+
+
+def trained_path(models: Path) -> Path:
+    """What evaluate and push load from a trainer's output: the full (or LoRA-merged) model, else the adapter."""
+    return models / "model" if (models / "model").exists() else models / "adapter"
+
+
+class StepTimer(TrainerCallback):
+    """How long optimizer steps take, and how much of it they wait for their batches (the DataLoader's `next`).
+
+    The Trainer fetches a step's batches between on_step_end of the step before (then logging, evaluation and
+    saving, which are neither) and on_step_begin. Each training log line gets `data_wait_fraction` (wait / step time)
+    and `samples_per_second` over the steps since the last one; `summary()` gives both for the whole run.
+    """
+
+    def __init__(self):
+        self.mark = 0.0
+        self.interval = {"wait": 0.0, "busy": 0.0, "steps": 0}
+        self.total = dict(self.interval)
+
+    def _lap(self, key: str, steps: int = 0) -> None:
+        now = time.perf_counter()
+        for counts in (self.interval, self.total):
+            counts[key] += now - self.mark
+            counts["steps"] += steps
+        self.mark = now
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark = time.perf_counter()
+        self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._lap("wait")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._lap("busy", steps=1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.mark = time.perf_counter()
+
+    on_save = on_evaluate
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self.interval["steps"]:
+            logs.update(self.rates(self.interval))
+            self.interval = {"wait": 0.0, "busy": 0.0, "steps": 0}
+        self.mark = time.perf_counter()
+
+    def rates(self, counts: dict) -> dict:
+        elapsed = counts["wait"] + counts["busy"]
+        return {"data_wait_fraction": counts["wait"] / elapsed,
+                "samples_per_second": counts["steps"] * self.samples_per_step / elapsed}
+
+    def summary(self) -> dict:
+        return self.rates(self.total) if self.total["steps"] else {}
 
 
 class LiveCallback(TrainerCallback):
-    """Log every Trainer log line to dvclive at x = global step.
+    """Log every Trainer log line to dvclive at x = global step, from the main process only.
 
     transformers' own DVCLiveCallback counts log calls as steps, so training and eval curves (logged at different
     intervals) would not line up, nor would runs with other logging intervals.
     """
 
     def __init__(self, directory: str):
-        # dvcyaml=None: dvclive must not rewrite our dvc.yaml; metrics and plots are declared there by hand.
-        # save_dvc_exp=False: the stage runs inside `dvc repro` / `dvc exp run`, which own the experiment.
-        self.live = Live(directory, dvcyaml=None, save_dvc_exp=False)
+        self.directory, self.live = directory, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            # dvcyaml=None: dvclive must not rewrite our dvc.yaml; metrics and plots are declared there by hand.
+            # save_dvc_exp=False: the stage runs inside `dvc repro` / `dvc exp run`, which own the experiment.
+            self.live = Live(self.directory, dvcyaml=None, save_dvc_exp=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero:
+        if self.live is None:
             return
         self.live.step = state.global_step
         for key, value in (logs or {}).items():
@@ -102,5 +193,5 @@ class LiveCallback(TrainerCallback):
         self.live.make_summary()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if self.live is not None:
             self.live.end()

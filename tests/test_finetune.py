@@ -79,11 +79,6 @@ def test_qlora_on_a_machine_without_cuda_stops_with_a_clear_message(tiny_base):
         finetune.load(fam, base, {**FINETUNE, "finetune": "qlora"})
 
 
-def test_bf16_auto_is_off_without_a_gpu_and_explicit_values_win():
-    assert finetune.use_bf16({"bf16": "auto"}) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    assert finetune.use_bf16({"bf16": True}) is True and finetune.use_bf16({"bf16": False}) is False
-
-
 def test_vision_parts_and_pixels_are_aligned_to_the_text_dtype_as_a_4_bit_base_needs(small_data, tmp_path):
     """A 4-bit SmolVLM keeps its vision tower and connector in bf16 while pixels arrive in float32: reproduced here
     by casting those two parts to bf16 (bitsandbytes itself needs CUDA)."""

@@ -237,3 +237,15 @@ def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(pipeline):
     training = json.loads((repo / "models/seq2seq/training.json").read_text())
     assert int(training["resumed_from"].removeprefix("checkpoint-")) >= saved and training["global_step"] == 300
     assert not (repo / "checkpoints").exists() and not list((repo / "models").rglob("checkpoint-*"))
+
+
+def test_the_one_line_stage_command_starts_deepspeed_on_two_processes(pipeline):
+    repo = pipeline["repo"]
+    output = dvc(repo, "exp", "run", "-S", "train_seq2seq.distributed.launcher=deepspeed",
+                 "-S", "train_seq2seq.distributed.num_processes=2", "-S", "train_seq2seq.deepspeed.enabled=true",
+                 "-S", "train_seq2seq.max_steps=60")
+    assert {"train_seq2seq", "evaluate", "push"} <= ran(output) and "train_vlm" not in ran(output)
+    training = json.loads((repo / "models/seq2seq/training.json").read_text())
+    assert training["engine"]["processes"] == 2 and training["engine"]["deepspeed_zero_stage"] == 2
+    assert training["global_step"] == 60 and (repo / "models/seq2seq/deepspeed.json").exists()
+    assert json.loads((repo / "eval/metrics.json").read_text())["seq2seq"].keys() >= {"bleu", "cider_d"}

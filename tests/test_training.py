@@ -6,8 +6,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+from transformers import Trainer
+
 from stages import train_seq2seq
-from stages.training import CHECKPOINTS, checkpoint_folder
+from stages.training import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
 from tests.conftest import REPO, SMALL, write_params
 
 P = {"learning_rate": 0.001, "max_steps": 10}
@@ -53,3 +57,53 @@ def wait_for_checkpoint(process, folder: Path, timeout: float = 120) -> int:
         assert process.poll() is None, "training ended before it saved a checkpoint"
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint in {folder} after {timeout} s")
+
+
+def test_bf16_auto_is_off_without_a_gpu_and_explicit_values_win():
+    assert use_bf16({"bf16": "auto"}) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert use_bf16({"bf16": True}) is True and use_bf16({"bf16": False}) is False
+
+
+class SlowSamples(torch.utils.data.Dataset):
+    """Each sample takes 30 ms to read, like a frame shard on a slow disk."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        time.sleep(0.03)
+        return {"x": torch.full((4,), float(index)), "labels": torch.tensor(1.0)}
+
+
+class SlowModel(torch.nn.Module):
+    """Each step computes for 30 ms."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, labels):
+        time.sleep(0.03)
+        return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_step_timer_measures_the_wait_for_data_that_loader_workers_hide(tmp_path, workers):
+    """Reading in the training process leaves the step waiting half of the time; two workers that prefetch overlap
+    the reading with the model's step. Evaluations (every 4 steps, also slow to read) count as neither."""
+    p = {"max_steps": 24, "batch_size": 1, "learning_rate": 0.01, "weight_decay": 0.0, "save_steps": 0,
+         "gradient_accumulation_steps": 1, "bf16": False, "data_workers": workers, "prefetch_batches": 2,
+         "deepspeed": {"enabled": False, "zero_stage": 2, "offload_optimizer": False, "offload_params": False}}
+    timer = StepTimer()
+    args = training_arguments(p, 0, str(tmp_path))
+    Trainer(model=SlowModel(), args=args, train_dataset=SlowSamples(64), eval_dataset=SlowSamples(4),
+            callbacks=[timer]).train()
+    summary = timer.summary()
+    if workers:
+        assert summary["data_wait_fraction"] < 0.25
+    else:
+        assert 0.35 < summary["data_wait_fraction"] < 0.65
+    assert summary["samples_per_second"] == pytest.approx(1 / 0.06 if not workers else 1 / 0.03, rel=0.4)

@@ -5,18 +5,15 @@ the adapter and optionally the base with the adapter merged in).
 Each family module names its three parts (VISION, PROJECTOR, LANGUAGE); everything here works from those names.
 """
 import json
+import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
 
-
-def use_bf16(p: dict) -> bool:
-    """`bf16: auto` means bf16 mixed precision where the hardware has it (a CUDA GPU that supports it)."""
-    if p["bf16"] == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return p["bf16"]
+from stages.distributed import is_main_process
+from stages.training import save_model, use_bf16
 
 
 def load(fam, base: str, p: dict):
@@ -31,7 +28,7 @@ def load(fam, base: str, p: dict):
         extra = {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[fam.VISION, fam.PROJECTOR, "lm_head"]),
-            "dtype": compute, "device_map": {"": 0}}
+            "dtype": compute, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}  # this process's GPU
     model = fam.MODEL_CLASS.from_pretrained(base, attn_implementation=p["attn_implementation"], **extra)
     if p["finetune"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p["gradient_checkpointing"])
@@ -86,10 +83,12 @@ def align_dtypes(model, fam) -> None:
 
 def save(trainer, processor, out: Path, base_final: str, p: dict, fam) -> None:
     """full: out/model. lora/qlora: out/adapter (loading it loads `base_final` and applies the adapter), and with
-    merge_lora the full-precision base with the adapter merged in, as out/model."""
+    merge_lora the full-precision base with the adapter merged in, as out/model. Every process calls it (ZeRO-3
+    gathers the weights across them); only the main process writes."""
     folder = out / ("model" if p["finetune"] == "full" else "adapter")
-    trainer.save_model(folder)
-    (folder / "training_args.bin").unlink()  # a pickle holding a temp path: not reproducible, not needed
+    save_model(trainer, folder)
+    if not is_main_process():
+        return
     processor.save_pretrained(folder)
     if p["finetune"] == "full":
         return
@@ -102,7 +101,3 @@ def save(trainer, processor, out: Path, base_final: str, p: dict, fam) -> None:
         merged.merge_and_unload().save_pretrained(out / "model")
         processor.save_pretrained(out / "model")
 
-
-def trained_path(models: Path) -> Path:
-    """What evaluate and push load: the full or merged model when there is one, else the adapter."""
-    return models / "model" if (models / "model").exists() else models / "adapter"

@@ -1,0 +1,148 @@
+"""Our VLM trainer (transformers Trainer + stages.training: TrainingArguments from params, DataLoader workers, dvclive
+curves, the step timer) against a plain PyTorch loop on the same model, the same batches and the same optimizer
+(AdamW, linear schedule, gradient clipping at 1.0), both reading frame shards through DataLoader workers that encode
+the samples with the real processor. Each setup runs `--repeats` times, alternating; medians are reported.
+
+Inputs: the default pipeline's data (`dvc repro manifest` first) and train_vlm's params from params.yaml.
+Step time is the time between consecutive optimizer steps, logging and evaluation excluded; data wait is the part
+spent in the DataLoader's `next`.
+
+    python bench/train.py                      # 120 steps per run, 3 repeats
+    python bench/train.py --steps 60 --workers 0
+
+Prints a table and writes bench/results/train.json.
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, Trainer, get_linear_schedule_with_warmup
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.chdir(REPO)
+
+from stages import vlm
+from stages.files import read_jsonl
+from stages.params import load, seed_everything
+from stages.training import StepTimer, training_arguments
+from stages.vlm import finetune
+
+
+def setup(p: dict, base: str):
+    """Model, processor and dataset, identical for both loops."""
+    seed_everything(0)
+    fam = vlm.family(p["family"])
+    processor = AutoProcessor.from_pretrained(base)
+    model = finetune.prepare(finetune.load(fam, base, p), fam, p)
+    dataset = vlm.ManifestDataset(read_jsonl("data/manifest/train.jsonl"), processor, fam, p["max_length"])
+    collate = functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id)
+    return model, dataset, collate
+
+
+def ours(p: dict, base: str) -> dict:
+    model, dataset, collate = setup(p, base)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as scratch:
+        args = dataclasses.replace(training_arguments(p, 0, scratch, remove_unused_columns=False), eval_strategy="no")
+        result = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                         callbacks=[timer]).train()
+    steps = timer.total["steps"]
+    return {"step_s": (timer.total["wait"] + timer.total["busy"]) / steps, "loss": result.training_loss,
+            **timer.summary()}
+
+
+def plain(p: dict, base: str) -> dict:
+    """What a hand-written script does: the same loader settings, AdamW, schedule and clipping."""
+    model, dataset, collate = setup(p, base)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=p["batch_size"], shuffle=True, collate_fn=collate, num_workers=p["data_workers"],
+        prefetch_factor=p["prefetch_batches"] if p["data_workers"] else None,
+        persistent_workers=p["data_workers"] > 0, generator=torch.Generator().manual_seed(0))
+    decay = [param for name, param in model.named_parameters() if param.ndim > 1]
+    rest = [param for name, param in model.named_parameters() if param.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": p["weight_decay"]},
+                                   {"params": rest, "weight_decay": 0.0}], lr=p["learning_rate"])
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.05 * p["max_steps"]), p["max_steps"])
+    model.train()
+    wait = busy = total_loss = 0.0
+    batches, step = iter(loader), 0
+    mark = time.perf_counter()
+    while step < p["max_steps"]:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        now = time.perf_counter()
+        wait, mark = wait + now - mark, now
+        loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        total_loss += loss.item()
+        step += 1
+        now = time.perf_counter()
+        busy, mark = busy + now - mark, now
+    return {"step_s": (wait + busy) / step, "data_wait_fraction": wait / (wait + busy),
+            "samples_per_second": step * p["batch_size"] / (wait + busy), "loss": total_loss / step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: train_vlm.data_workers)")
+    args = parser.parse_args()
+
+    p = {**load("train_vlm")["train_vlm"], "max_steps": args.steps, "save_steps": 0}
+    if args.workers is not None:
+        p["data_workers"] = args.workers
+    fam = vlm.family(p["family"])
+    rows = read_jsonl("data/manifest/train.jsonl")
+    runs = {"ours": [], "plain": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]]
+        base = str(fam.build_tiny(p["tiny"], texts, vlm.load_frames(rows[0])[0].shape[1], Path(scratch) / "base"))
+        for _ in range(args.repeats):
+            runs["plain"].append(plain(p, base))
+            runs["ours"].append(ours(p, base))
+
+    median = {name: {key: statistics.median(run[key] for run in results) for key in results[0]}
+              for name, results in runs.items()}
+    ratio = median["ours"]["step_s"] / median["plain"]["step_s"]
+    print(f"{'loop':<8}{'step (ms)':>12}{'data wait':>12}{'samples/s':>12}{'mean loss':>12}")
+    for name, m in median.items():
+        print(f"{name:<8}{1000 * m['step_s']:>12.1f}{m['data_wait_fraction']:>12.4f}{m['samples_per_second']:>12.1f}"
+              f"{m['loss']:>12.4f}")
+    print(f"step time ratio ours / plain: {ratio:.3f} (goal <= 1.10); "
+          f"our data_wait_fraction: {median['ours']['data_wait_fraction']:.4f} (goal < 0.02)")
+    result = {"step_time_ratio_vs_plain": ratio, "data_wait_fraction": median["ours"]["data_wait_fraction"],
+              "goals": {"step_time_ratio_vs_plain": "<= 1.10", "data_wait_fraction": "< 0.02"},
+              "median": median, "runs": runs,
+              "setup": {"family": p["family"], "batch_size": p["batch_size"], "steps": args.steps,
+                        "repeats": args.repeats, "data_workers": p["data_workers"],
+                        "prefetch_batches": p["prefetch_batches"], "torch_threads": torch.get_num_threads(),
+                        "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "machine": platform.machine()}}
+    out = REPO / "bench/results/train.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
