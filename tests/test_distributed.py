@@ -11,6 +11,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 from stages import distributed, train_seq2seq, train_vlm, vlm
 from tests.conftest import REPO, SMALL, inside, write_params
+from tests.test_train_seq2seq import read_curve
 
 STEPS = 6
 TWO = {"num_processes": 2, "num_nodes": 1, "hostfile": ""}
@@ -22,22 +23,21 @@ def params(stage: str, launcher: str = "none", zero_stage: int | None = None, **
     """SMALL with `stage` run for STEPS steps, per-process batch 3 (the 12 train samples are 2 global batches of 6),
     on `launcher` with 2 processes."""
     deepspeed = {**DEEPSPEED_OFF, "enabled": zero_stage is not None, "zero_stage": zero_stage or 2}
-    return {**SMALL, stage: {**SMALL[stage], "max_steps": STEPS, "batch_size": 3, "distributed": {**TWO, "launcher": launcher},
-                             "deepspeed": deepspeed, **values}}
+    return {**SMALL, stage: {**SMALL[stage], "max_steps": STEPS, "batch_size": 3,
+                             "distributed": {**TWO, "launcher": launcher}, "deepspeed": deepspeed, **values}}
 
 
 def run_stage(folder, stage: str, overrides: dict) -> dict:
     """`python -m stages.<stage>` in `folder`, as dvc.yaml runs it; its training.json."""
     write_params(folder, overrides)
-    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=folder, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=folder, capture_output=True, text=True,
+                          check=False, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads((folder / MODEL[stage] / "training.json").read_text())
 
 
 def curve(folder, stage: str) -> list[tuple[int, float]]:
-    lines = (folder / f"dvclive/{stage}/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
-    return [(int(step), float(loss)) for step, loss in (line.split("\t") for line in lines)]
+    return read_curve(folder / f"dvclive/{stage}/plots/metrics/train/loss.tsv")
 
 
 def weights(folder, stage: str) -> dict:
