@@ -1,9 +1,15 @@
-"""collect: generate the synthetic moving-shapes video set (the embedded default data).
+"""collect: gather the samples of every entry of `collect.sources` into data/raw.
 
-Every (color, shape, direction) combination is rendered `clips_per_combo` times with random size, start, speed and
-background, encoded by moviepy as real H.264 mp4, and stored content-addressed as data/raw/videos/<sha256>.mp4.
+- `synthetic` (the embedded default) generates the moving-shapes video set.
+- `local` reads a folder of videos and an annotation file in one of the formats of stages/formats.py.
+- `urls` downloads a list of videos (stages/fetch.py); they get captions later, from `extract.caption_model`.
+
+Synthetic clips: every (color, shape, direction) combination is rendered `clips_per_combo` times with random size,
+start, speed and background, encoded by moviepy as real H.264 mp4, and stored content-addressed as
+data/raw/videos/<sha256>.mp4.
 data/raw/samples.jsonl holds one sample per clip: the video, a question, the caption, the text metadata the seq2seq
 model learns from, and the split. Everything follows from `base.seed`, so two runs give identical bytes.
+data/raw/rejects.jsonl lists every row or video of the other sources that could not be used, with its reason.
 """
 import functools
 import itertools
@@ -15,6 +21,7 @@ import numpy as np
 from moviepy import VideoClip
 from PIL import Image, ImageDraw
 
+from stages import sources
 from stages.files import atomic_dir, sha256_file, write_jsonl
 from stages.params import load
 
@@ -83,39 +90,56 @@ def assign_splits(n: int, val_fraction: float, test_fraction: float, seed: int) 
     return splits
 
 
+def synthetic(p: dict, seed: int, videos: Path) -> list[dict]:
+    """Render the moving-shapes clips into videos/ and return their samples."""
+    clips = plan_clips(p, seed)
+    splits = assign_splits(len(clips), p["val_fraction"], p["test_fraction"], seed)
+    scratch = [videos / f"encoding-{index}.mp4" for index in range(len(clips))]
+    with ProcessPoolExecutor() as pool:  # one ffmpeg process per clip: spread them over the cores
+        encode = functools.partial(render, size=p["frame_size"], fps=p["fps"], seconds=p["seconds"])
+        list(pool.map(encode, clips, scratch, chunksize=16))
+    samples = []
+    for index, (clip, split, encoded) in enumerate(zip(clips, splits, scratch)):
+        digest = sha256_file(encoded)
+        encoded.rename(videos / f"{digest}.mp4")
+        tags = [clip["color"], clip["shape"], clip["direction"]]
+        random.Random(f"{seed}-{index}").shuffle(tags)  # order carries no information
+        samples.append({
+            "id": f"synthetic-{index:05d}",
+            "videos": [f"videos/{digest}.mp4"],
+            "question": clip["question"],
+            "caption": caption(clip["color"], clip["shape"], clip["direction"]),
+            "attributes": {"color": clip["color"], "shape": clip["shape"], "direction": clip["direction"]},
+            "meta": {"title": f"clip {index}", "tags": tags, "duration": p["seconds"], "fps": p["fps"],
+                     "width": p["frame_size"], "height": p["frame_size"]},
+            "split": split,
+        })
+    return samples
+
+
 def main() -> None:
     # Load
     params = load("collect")
     p, seed = params["collect"], params["base"]["seed"]
 
     # Build
-    clips = plan_clips(p, seed)
-    splits = assign_splits(len(clips), p["val_fraction"], p["test_fraction"], seed)
+    samples, rejects = [], []
     with atomic_dir(OUT) as out:
         (out / "videos").mkdir()
-        scratch = [out / "videos" / f"encoding-{index}.mp4" for index in range(len(clips))]
-        with ProcessPoolExecutor() as pool:  # one ffmpeg process per clip: spread them over the cores
-            encode = functools.partial(render, size=p["frame_size"], fps=p["fps"], seconds=p["seconds"])
-            list(pool.map(encode, clips, scratch, chunksize=16))
-        samples = []
-        for index, (clip, split, encoded) in enumerate(zip(clips, splits, scratch)):
-            digest = sha256_file(encoded)
-            encoded.rename(out / "videos" / f"{digest}.mp4")
-            tags = [clip["color"], clip["shape"], clip["direction"]]
-            random.Random(f"{seed}-{index}").shuffle(tags)  # order carries no information
-            samples.append({
-                "id": f"synthetic-{index:05d}",
-                "videos": [f"videos/{digest}.mp4"],
-                "question": clip["question"],
-                "caption": caption(clip["color"], clip["shape"], clip["direction"]),
-                "attributes": {"color": clip["color"], "shape": clip["shape"], "direction": clip["direction"]},
-                "meta": {"title": f"clip {index}", "tags": tags, "duration": p["seconds"], "fps": p["fps"],
-                         "width": p["frame_size"], "height": p["frame_size"]},
-                "split": split,
-            })
+        for source in p["sources"]:
+            if source["kind"] == "synthetic":
+                samples += synthetic(p, seed, out / "videos")
+                continue
+            imported, rejected = sources.import_source(source, p["download"], out / "videos")
+            for sample in imported:
+                if sample.get("split") not in ("train", "val", "test"):
+                    sample["split"] = sources.assign_split(sample["id"], p["val_fraction"], p["test_fraction"])
+            samples += imported
+            rejects += rejected
         # Save
         write_jsonl(out / "samples.jsonl", samples)
-    print(f"collect: {len(samples)} clips -> {OUT}/")
+        write_jsonl(out / "rejects.jsonl", rejects)
+    print(f"collect: {len(samples)} samples, {len(rejects)} rejected -> {OUT}/")
 
 
 if __name__ == "__main__":

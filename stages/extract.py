@@ -1,47 +1,102 @@
-"""extract: decode `extract.num_frames` uniform frames from every collected video, resized to `extract.frame_size`.
+"""extract: decode every collected video once into frames (and optionally audio, transcripts and captions).
 
-Frames come from decoding the mp4 files (never from the generator), so the model sees what a real video gives.
-Output: data/frames/<sha256>.safetensors per video (uint8 frames + timestamps), one shard per video to keep DVC's
-no-op fast, and data/frames/report.json: per video what was decoded, or why it was quarantined.
+Which frames: `extract.num_frames` spread evenly over the video, or `extract.fps` per second within
+min_frames..max_frames. Their size: frame_size x frame_size, or the Qwen rule under `extract.max_pixels`.
+Frames come from decoding the files (never from the generator), so the model sees what a real video gives.
+Output: data/frames/<sha256>.safetensors per video (uint8 frames, timestamps, frame numbers, 16 kHz audio when
+asked), one shard per video to keep DVC's no-op fast, and data/frames/report.json: per video what was decoded (with
+the shard's sha256, so that the report changes whenever a shard does) and the optional transcript and auto-caption,
+or why it was quarantined.
 """
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
 
-from stages.files import atomic_dir, read_jsonl, write_json
+from stages.files import atomic_dir, read_jsonl, sha256_file, write_json
 from stages.params import load
-from stages.video import VideoError, sample_uniform
+from stages.video import VideoError, read_audio, sample, sample_images
 
 RAW = Path("data/raw")
 OUT = Path("data/frames")
+AUDIO_RATE = 16000   # Hz, mono: what Whisper-style speech models take
+
+
+def check(p: dict) -> None:
+    if bool(p["num_frames"]) == bool(p["fps"]):
+        raise SystemExit("extract: set exactly one of extract.num_frames and extract.fps (the other to 0)")
+    if bool(p["frame_size"]) == bool(p["max_pixels"]):
+        raise SystemExit("extract: set exactly one of extract.frame_size and extract.max_pixels (the other to 0)")
+    if p["transcribe_model"] and not p["audio"]:
+        raise SystemExit("extract: extract.transcribe_model needs extract.audio: true (the audio it transcribes)")
+
+
+def extract_one(video: str, audio: str | None, duration: float | None, p: dict, out: Path) -> dict:
+    """Decode one video into its shard in `out`; the report entry, or the quarantine reason."""
+    key = Path(video).name.split(".")[0]
+    try:
+        path = RAW / video
+        sampled = sample_images(path, p, duration) if path.suffix == ".tar" else sample(path, p)
+        arrays = {"frames": sampled.frames, "timestamps": sampled.timestamps, "indices": sampled.indices}
+        if p["audio"]:
+            arrays["audio"] = read_audio(RAW / (audio or video), AUDIO_RATE)
+    except VideoError as error:
+        return {"status": "quarantined", "reason": str(error)}
+    save_file(arrays, str(out / f"{key}.safetensors"))
+    entry = {"status": "ok", "shard": f"{key}.safetensors", "shard_sha256": sha256_file(out / f"{key}.safetensors"),
+             "frames": int(len(sampled.frames)),
+             "timestamps": [round(t, 4) for t in sampled.timestamps.tolist()], **sampled.info}
+    if p["audio"]:
+        entry["audio_seconds"] = round(len(arrays["audio"]) / AUDIO_RATE, 3)
+    return entry
+
+
+def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> None:
+    """Transcripts of every video with audio, and captions for the samples that came without one."""
+    from stages import annotate   # transformers is only imported when a model is asked for
+
+    ok = {video: entry for video, entry in report.items() if entry["status"] == "ok"}
+    if p["transcribe_model"]:
+        transcribe = annotate.transcriber(p["transcribe_model"])
+        for entry in tqdm(ok.values(), desc="transcribe", unit="video", mininterval=2):
+            audio = load_file(str(out / entry["shard"])).get("audio")
+            if audio is not None and len(audio):
+                entry["transcript"] = transcribe(audio)
+    if p["caption_model"]:
+        describe = annotate.captioner(p["caption_model"], p["caption_prompt"], p["caption_max_tokens"])
+        uncaptioned = sorted({s["videos"][0] for s in samples if not s.get("caption") and s["videos"]} & set(ok))
+        for video in tqdm(uncaptioned, desc="caption", unit="video", mininterval=2):
+            ok[video]["auto_caption"] = describe(list(load_file(str(out / ok[video]["shard"]))["frames"]))
 
 
 def main() -> None:
     # Load
     p = load("extract")["extract"]
-    videos = sorted({video for sample in read_jsonl(RAW / "samples.jsonl") for video in sample["videos"]})
+    check(p)
+    samples = read_jsonl(RAW / "samples.jsonl")
+    videos = sorted({video for sample in samples for video in sample["videos"]})
+    audio = {s["videos"][0]: s["audio"] for s in samples if s.get("audio") and s["videos"]}
+    duration = {video: s.get("meta", {}).get("duration") for s in samples for video in s["videos"]}
 
-    # Decode
+    # Decode, on every core: one video per task, each worker writes its own shard
     report = {"params": p, "videos": {}}
     with atomic_dir(OUT) as out:
-        for video in videos:
-            key = Path(video).stem
-            try:
-                sampled = sample_uniform(RAW / video, p["num_frames"], p["frame_size"])
-            except VideoError as error:
-                report["videos"][video] = {"status": "quarantined", "reason": str(error)}
-                continue
-            save_file({"frames": sampled.frames, "timestamps": sampled.timestamps, "indices": sampled.indices},
-                      str(out / f"{key}.safetensors"))
-            report["videos"][video] = {"status": "ok", "shard": f"{key}.safetensors",
-                                       "frames": int(len(sampled.frames)),
-                                       "timestamps": [round(t, 4) for t in sampled.timestamps.tolist()],
-                                       **sampled.info}
+        workers = p["workers"] or os.cpu_count()
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            entries = pool.map(extract_one, videos, [audio.get(v) for v in videos], [duration[v] for v in videos],
+                               [p] * len(videos), [out] * len(videos), chunksize=max(1, len(videos) // (8 * workers)))
+            for video, entry in zip(videos, tqdm(entries, total=len(videos), desc="extract", unit="video",
+                                                 mininterval=2)):
+                report["videos"][video] = entry
         bad = sorted(v for v, r in report["videos"].items() if r["status"] != "ok")
         report["summary"] = {"videos": len(videos), "ok": len(videos) - len(bad), "quarantined": len(bad)}
         if videos and len(bad) / len(videos) > p["max_bad_fraction"]:
             raise SystemExit(f"extract: {len(bad)} of {len(videos)} videos failed, above extract.max_bad_fraction="
                              f"{p['max_bad_fraction']}; first: {bad[0]}: {report['videos'][bad[0]]['reason']}")
+        if p["transcribe_model"] or p["caption_model"]:
+            add_annotations(report["videos"], samples, p, out)
         # Save
         write_json(out / "report.json", report)
     print(f"extract: {report['summary']} -> {OUT}/")

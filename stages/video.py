@@ -1,9 +1,22 @@
-"""Probe and sample video files with PyAV (libav* bundled in its wheel, threads on, no external ffmpeg needed)."""
+"""Probe and sample video files with PyAV (libav* bundled in its wheel, threads on, no external ffmpeg needed).
+
+Sampling never decodes a whole long video: `probe` reads the packets only (no decoding) to learn every frame's
+presentation time and where the keyframes are; `sample` then seeks to the keyframe before each wanted frame when
+that skips decoding, decodes forward to it, and converts only the frames it keeps. Frames are chosen by time, so
+variable-frame-rate files are sampled evenly, and rotation metadata is applied as ffmpeg's autorotate does.
+"""
+import math
+import os
+import tarfile
 from dataclasses import dataclass
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+FRAME_FACTOR = 2        # fps mode: frame counts are even, as Qwen2-VL merges frame pairs (qwen-vl-utils)
+PATCH_FACTOR = 28       # max_pixels mode: sides are multiples of 28 (Qwen2-VL / Qwen2.5-VL patch 14 x merge 2)
+SKIP_MARGIN = 8         # frames before a wanted one that are never skipped, plus one per decoding thread
 
 
 class VideoError(Exception):
@@ -12,10 +25,17 @@ class VideoError(Exception):
 
 @dataclass
 class Sampled:
-    frames: np.ndarray          # uint8 [n, size, size, 3], RGB
+    frames: np.ndarray          # uint8 [n, height, width, 3], RGB, upright
     timestamps: np.ndarray      # float64 [n], seconds from the stream start
     indices: np.ndarray         # int64 [n], frame numbers in presentation order
-    info: dict                  # codec, width, height, fps, total_frames of the source
+    info: dict                  # codec, width, height, fps, total_frames, duration, rotation of the source
+
+
+@dataclass
+class Probe:
+    times: np.ndarray           # float64 [total], every frame's presentation time in seconds, sorted
+    keyframes: np.ndarray       # float64, presentation times of the keyframes, sorted
+    info: dict
 
 
 def uniform_indices(total: int, count: int) -> np.ndarray:
@@ -23,42 +43,221 @@ def uniform_indices(total: int, count: int) -> np.ndarray:
     return np.linspace(0, total - 1, count).round().astype(np.int64)
 
 
-def sample_uniform(path, count: int, size: int) -> Sampled:
-    """Decode `count` uniformly spaced frames of `path`, resized to size x size RGB."""
+def frame_count(total: int, duration: float, p: dict) -> int:
+    """How many frames to sample: `num_frames`, or `fps` frames per second bounded by min/max_frames, rounded down
+    to an even count (the qwen-vl-utils `smart_nframes` rule; never more frames than the video has)."""
+    if p.get("num_frames"):
+        return p["num_frames"]
+    low = math.ceil(p["min_frames"] / FRAME_FACTOR) * FRAME_FACTOR
+    high = math.floor(min(p["max_frames"], total) / FRAME_FACTOR) * FRAME_FACTOR
+    wanted = min(max(duration * p["fps"], low), high, total)
+    return max(math.floor(wanted / FRAME_FACTOR) * FRAME_FACTOR, 1)
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
+                 factor: int = PATCH_FACTOR) -> tuple[int, int]:
+    """(height, width): sides rounded to multiples of `factor`, aspect kept, area within [min_pixels, max_pixels].
+
+    The qwen-vl-utils `smart_resize` rule (vision_process.py), so that frames fit Qwen2-VL's patch grid unchanged.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise VideoError(f"aspect ratio over 200: {width}x{height}")
+    new_h = max(factor, round(height / factor) * factor)
+    new_w = max(factor, round(width / factor) * factor)
+    if new_h * new_w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        new_h = max(factor, math.floor(height / beta / factor) * factor)
+        new_w = max(factor, math.floor(width / beta / factor) * factor)
+    elif new_h * new_w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        new_h = math.ceil(height * beta / factor) * factor
+        new_w = math.ceil(width * beta / factor) * factor
+    return new_h, new_w
+
+
+def output_shape(height: int, width: int, p: dict) -> tuple[int, int]:
+    """Frame size the params ask for: frame_size x frame_size, or the Qwen rule under max_pixels."""
+    if p.get("max_pixels"):
+        return smart_resize(height, width, p.get("min_pixels", 0), p["max_pixels"])
+    return p["frame_size"], p["frame_size"]
+
+
+def open_video(path):
     try:
         container = av.open(str(path))
-    except (av.FFmpegError, OSError) as error:
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
         raise VideoError(f"cannot open: {error}") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"   # frame and slice threads, as ffmpeg chooses
+    return container, stream
+
+
+def probe(container, stream) -> Probe:
+    """Every frame's time and the keyframes, from the packets alone: header frame counts and rates can lie."""
+    times, keyframes = [], []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None:
+                raise VideoError("packets carry no timestamps")
+            times.append(stamp)
+            if packet.is_keyframe:
+                keyframes.append(stamp)
+    except av.FFmpegError as error:
+        raise VideoError(f"demux failed: {error}") from None
+    if not times:
+        raise VideoError("video stream has no frames")
+    keyframes = keyframes or [min(times)]   # no keyframe flags: decode from the start, never seek past one
+    base = float(stream.time_base)
+    times = np.sort(np.asarray(times, dtype=np.float64)) * base
+    # the span between first and last frame, plus one frame's share: 16 frames at 8 fps last 2 s, not 1.875 s
+    duration = float(times[-1] - times[0]) * len(times) / (len(times) - 1) if len(times) > 1 else 0.0
+    context = stream.codec_context
+    if not context.width or not context.height:
+        raise VideoError("no frame size in the stream header")
+    info = {"codec": context.name, "width": context.width, "height": context.height,
+            "fps": float(stream.average_rate or 0), "total_frames": len(times), "duration": round(duration, 4)}
+    return Probe(times, np.sort(np.asarray(keyframes, dtype=np.float64)) * base, info)
+
+
+def to_rgb(frame, turns: int, shape: tuple[int, int]) -> np.ndarray:
+    """The frame resized to shape (height, width) of the upright picture, bicubic in libswscale as ffmpeg's `scale`
+    does (one pass from YUV, no full-size RGB copy), then turned upright: `turns` quarter turns counter-clockwise,
+    as ffmpeg's autorotate applies the stream's rotation metadata."""
+    height, width = shape[::-1] if turns % 2 else shape
+    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def keyframe_before(keyframes: np.ndarray, time: float) -> float:
+    return keyframes[max(np.searchsorted(keyframes, time + 1e-6, side="right") - 1, 0)]
+
+
+def advance(frames, frame, target: float, context, margin: float | None) -> tuple:
+    """Decode forward to the first frame at or after `target`: (that frame or None at the end, frames decoded,
+    whether non-reference frames were skipped). With a margin, frames no other frame refers to (most B-frames) are
+    skipped while the target is more than `margin` seconds ahead: they cannot be the target, the rest decode alike."""
+    decoded, skipped = 0, False
+    while frame is None or frame.time < target - 1e-6:
+        skip = margin is not None and frame is not None and frame.time < target - margin
+        if context.skip_frame != ("NONREF" if skip else "DEFAULT"):
+            context.skip_frame = "NONREF" if skip else "DEFAULT"
+        skipped |= skip
+        frame, decoded = next(frames, None), decoded + 1
+        if frame is None:
+            break
+        if frame.time is None:
+            raise VideoError("decoded frames carry no timestamps")
+    return frame, decoded, skipped
+
+
+def decode_at(container, stream, wanted: np.ndarray, keyframes: np.ndarray, step: float, convert) -> tuple[dict, int]:
+    """({time: converted frame} for the presentation times `wanted` (sorted), frames decoded).
+
+    Seeks only when a keyframe lies between the last decoded frame and the next wanted one, so dense targets cost one
+    forward pass, and skips non-reference frames far from the next wanted one. The skip margin covers the frames in
+    flight (reordering, frame threads); should a wanted frame be skipped anyway, it is decoded again without skips.
+    """
+    base, found, frames, frame, decoded = float(stream.time_base), {}, None, None, 0
+    margin = (SKIP_MARGIN + min(os.cpu_count() or 1, 16)) * step
+    for target in wanted:
+        for careful in (False, True):
+            keyframe = keyframe_before(keyframes, target)
+            if frames is None or careful or keyframe > frame.time + 1e-6:
+                container.seek(round(keyframe / base), stream=stream, backward=True)
+                frames, frame = container.decode(stream), None
+            frame, count, skipped = advance(frames, frame, target, stream.codec_context, None if careful else margin)
+            decoded += count
+            if frame is None:
+                return found, decoded   # the stream ended early; the caller reports what is missing
+            if abs(frame.time - target) < 1e-6:
+                found[target] = convert(frame)
+                break
+            if not skipped:
+                break   # no frame at that time; the caller reports it
+    return found, decoded
+
+
+def pick_frames(times: np.ndarray, count: int) -> np.ndarray:
+    """Frame numbers of `count` instants spread evenly over the video: uniform_indices on a constant frame rate;
+    on a variable one, the frames nearest to evenly spaced times (frame numbers would crowd the dense stretches)."""
+    steps = np.diff(times)
+    if len(times) < 3 or np.ptp(steps) <= 0.01 * steps.mean():
+        return uniform_indices(len(times), count)
+    goals = np.linspace(times[0], times[-1], count)
+    after = np.clip(np.searchsorted(times, goals), 1, len(times) - 1)
+    earlier = np.abs(times[after - 1] - goals) <= np.abs(times[after] - goals)
+    return np.where(earlier, after - 1, after).astype(np.int64)
+
+
+def sample(path, p: dict) -> Sampled:
+    """Sample a video as the extract params say: which frames (num_frames, or fps with min/max_frames) and at what
+    size (frame_size, or max_pixels with the Qwen rule)."""
+    container, stream = open_video(path)
     with container:
-        if not container.streams.video:
-            raise VideoError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        info = {"codec": stream.codec_context.name, "width": stream.codec_context.width,
-                "height": stream.codec_context.height, "fps": float(stream.average_rate or 0)}
+        known = probe(container, stream)
+        indices = pick_frames(known.times, frame_count(len(known.times), known.info["duration"], p))
+        wanted = np.unique(known.times[indices])
+        rotation = {}
+
+        def convert(frame):   # the first frame's rotation tells which side is the height
+            turns = rotation.setdefault("turns", round((frame.rotation or 0) / 90) % 4)
+            height, width = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+            return to_rgb(frame, turns, output_shape(height, width, p))
         try:
-            # Count frames from packets (demuxing only, no decoding): header frame counts can lie.
-            total = sum(1 for packet in container.demux(stream) if packet.size)
-            if total == 0:
-                raise VideoError("video stream has no frames")
-            targets = uniform_indices(total, count)
-            container.seek(0, stream=stream)
-            frames, stamps, index, wanted = [], [], 0, iter(np.unique(targets))
-            next_target = next(wanted)
-            for frame in container.decode(stream):
-                if index == next_target:
-                    image = frame.to_image().resize((size, size), Image.BICUBIC)
-                    frames.append(np.asarray(image.convert("RGB")))
-                    stamps.append(float(frame.time if frame.time is not None else index / (info["fps"] or 1)))
-                    next_target = next(wanted, None)
-                    if next_target is None:
-                        break
-                index += 1
+            step = float(np.median(np.diff(known.times))) if len(known.times) > 1 else 0.0
+            found, decoded = decode_at(container, stream, wanted, known.keyframes, step, convert)
         except av.FFmpegError as error:
             raise VideoError(f"decode failed: {error}") from None
-    if len(frames) < len(np.unique(targets)):
-        raise VideoError(f"decoded {index} of {total} frames the container announced")
-    # a short video may repeat a frame number; repeat its picture too so that every sample has `count` frames
-    position = {t: i for i, t in enumerate(np.unique(targets))}
-    order = [position[t] for t in targets]
-    return Sampled(np.stack(frames)[order], np.asarray(stamps)[order], targets, {**info, "total_frames": total})
+    if len(found) < len(wanted):
+        raise VideoError(f"cut short or damaged: decoded {len(found)} of the {len(wanted)} frames wanted")
+    times = known.times[indices]
+    frames = np.stack([found[t] for t in times])   # a short video repeats frames so every sample has `count`
+    info = {**known.info, "rotation": 90 * rotation.get("turns", 0), "decoded_frames": decoded}
+    return Sampled(frames, times - known.times[0], indices, info)
+
+
+def read_audio(path, rate: int = 16000) -> np.ndarray:
+    """The first audio stream as float32 mono at `rate` Hz; an empty array when the file has no audio."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return np.zeros(0, dtype=np.float32)
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
+                      for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except (av.FFmpegError, OSError) as error:
+        raise VideoError(f"audio decode failed: {error}") from None
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
+
+
+def sample_images(path, p: dict, duration: float | None = None) -> Sampled:
+    """Sample frames already extracted by another tool (a tar of images, from a manifest v1 import) by the same
+    rules as a video. Their times are spread over `duration` when known, else one image per second is assumed."""
+    try:
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+            if not members:
+                raise VideoError("frame archive holds no images")
+            step = duration / len(members) if duration else 1.0
+            times = np.arange(len(members)) * step
+            indices = pick_frames(times, frame_count(len(members), step * len(members), p))
+            images = {}
+            for index in np.unique(indices):
+                with Image.open(tar.extractfile(members[index])) as image:
+                    image = ImageOps.exif_transpose(image).convert("RGB")
+                    images[index] = image
+            height, width = images[indices[0]].height, images[indices[0]].width
+    except (tarfile.TarError, OSError) as error:   # PIL raises OSError subclasses for unreadable images
+        raise VideoError(f"cannot read frame images: {error}") from None
+    shape = output_shape(height, width, p)
+    frames = np.stack([np.asarray(images[i].resize((shape[1], shape[0]), Image.BICUBIC)) for i in indices])
+    info = {"codec": "images", "width": width, "height": height, "fps": 1 / step, "total_frames": len(members),
+            "duration": round(step * len(members), 4), "rotation": 0}
+    return Sampled(frames, times[indices], indices, info)

@@ -59,5 +59,5 @@ def test_bad_samples_are_rejected_with_their_reason_and_the_rest_survive(workspa
     assert rejects["no-caption"]["source"].endswith(f"samples.jsonl:{len(samples) - 1}")
     stats = json.loads((workspace / "data/manifest/stats.json").read_text())
     assert stats["rejected"] == 6 and stats["train"] + stats["val"] + stats["test"] == len(samples) - 6
-    assert stats["rejected_by_reason"]["video quarantined"] == 1
+    assert stats["rejected_by_reason"]["video quarantined: cannot open"] == 1
     assert video.endswith(".mp4")

@@ -75,3 +75,23 @@ def test_each_stage_depends_on_its_own_schema_and_base_only():
     for name, stage in stages.items():
         schemas = {d for d in stage["deps"] if d.startswith("stages/schema/params")}
         assert schemas == {"stages/schema/params/base.json", f"stages/schema/params/{name}.json"}, name
+
+
+def test_each_stage_depends_on_every_module_it_imports():
+    """A stage module and the stages.* modules it imports (transitively, at import time) are all in its deps, so
+    that a change to shared code reruns every stage that runs it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    stages, missing = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"], {}
+    for name, stage in stages.items():
+        module = stage["cmd"].split("-m ")[1].split()[0]
+        loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(*sorted(sys.modules))"],
+                                cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        files = {f"{m.replace('.', '/')}.py" for m in loaded if m.startswith("stages.")}
+        files = {f if (REPO / f).exists() else f.removesuffix(".py") + "/__init__.py" for f in files}
+        listed = lambda f: any(f == dep or f.startswith(dep + "/") for dep in stage["deps"])  # noqa: E731
+        missing[name] = sorted(f for f in files if not listed(f) and f != "stages/__init__.py")
+    assert missing == {name: [] for name in stages}, "imported by the stage but not in its dvc.yaml deps"

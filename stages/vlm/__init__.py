@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from stages.manifest import VIDEO  # the placeholder the manifest writes, one per video
+from stages.formats import VIDEO  # the placeholder of one video in a user turn
 
 FAMILIES = ("llava", "smolvlm", "qwen2_vl", "qwen2_5_vl")
 IGNORE = -100          # label of every position the loss must not see

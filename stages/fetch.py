@@ -1,0 +1,218 @@
+"""fetch: download one video over HTTP(S), robustly, for the `collect` stage.
+
+Why it works the way it does:
+- Content addressing: the file is stored as <sha256 of its bytes><ext>, so the same video reached through two URLs is
+  stored once, a changed video never overwrites an old one silently, and DVC sees identical outputs across runs.
+- Resume: bytes go to folder/.partial/<sha256 of the URL>.part first. A dropped connection (in this process or an
+  earlier, killed one) leaves that file behind, and the next attempt asks only for the rest with a Range header.
+  Only a complete, checked download is moved (atomically) to its final name, so no half video is ever mistaken for one.
+- No silent drops: every way a URL can fail ends in FetchError with a reason a person can act on (HTTP status,
+  timeout, size cap, checksum, refused scheme) and the number of attempts, which collect records in its quarantine
+  report instead of skipping the URL quietly.
+- Transient failures (429, 5xx, dropped or timed-out connections) are retried with exponential backoff; permanent
+  ones (other 4xx, refused schemes, size cap, checksum) fail at once, since retrying cannot fix them.
+"""
+import hashlib
+import os
+import re
+import time
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+import requests
+import urllib3
+
+from stages.files import sha256_file
+
+EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".gif",
+                        ".wav", ".mp3", ".m4a", ".flac", ".ogg", ".jpg", ".jpeg", ".png"})
+CHUNK = 1 << 16
+MAX_DELAY = 60.0  # seconds; a server's Retry-After (or a long exponential backoff) must not stall collect for hours
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# identity: byte offsets in Range and Content-Length must count the stored bytes, not a gzip stream of them.
+HEADERS = {"Accept-Encoding": "identity"}
+
+
+class FetchError(Exception):
+    """A URL that could not be fetched; str(error) is the reason recorded in the quarantine report."""
+
+
+class _Transient(Exception):
+    """One attempt failed in a way another attempt may fix; `retry_after` is the server's wish in seconds."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, note: str = ""):
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.note = note  # appended after the attempt count, e.g. the timeout that was used
+
+
+def check_url(url: str) -> None:
+    """Raise FetchError unless url is http:// or https:// with a host."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise FetchError(f"refused URL scheme {scheme or '(none)'}: only http and https are fetched")
+    if not parts.hostname:
+        raise FetchError(f"refused URL without a host: {url!r}")
+
+
+def download(url: str, folder: Path, *, max_bytes: int, timeout: float, retries: int, backoff: float,
+             sha256: str | None = None, session: requests.Session | None = None) -> Path:
+    """Stream url into folder, content-addressed: returns folder/<sha256 of the bytes><ext>."""
+    check_url(url)
+    folder = Path(folder)
+    partial = folder / ".partial" / (hashlib.sha256(url.encode()).hexdigest() + ".part")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    own = session is None
+    session = session or requests.Session()
+    try:
+        _with_retries(session, url, partial, max_bytes=max_bytes, timeout=timeout, retries=retries, backoff=backoff)
+    finally:
+        if own:
+            session.close()
+    return _store(partial, folder, extension(url), sha256)
+
+
+def extension(url: str) -> str:
+    """The URL path's suffix when it names a known media type; `.bin` otherwise (never trust an arbitrary suffix)."""
+    suffix = PurePosixPath(unquote(urlsplit(url).path)).suffix.lower()
+    return suffix if suffix in EXTENSIONS else ".bin"
+
+
+def _with_retries(session: requests.Session, url: str, partial: Path, *, max_bytes: int, timeout: float,
+                  retries: int, backoff: float) -> None:
+    attempts = max(retries, 0) + 1
+    for attempt in range(attempts):
+        try:
+            _attempt(session, url, partial, max_bytes, timeout)
+            return
+        except _Transient as error:
+            last = error
+        except FetchError:
+            partial.unlink(missing_ok=True)  # permanent failure: nothing worth resuming
+            raise
+        if attempt + 1 < attempts:
+            time.sleep(_delay(last, attempt, backoff))
+    # The partial file stays: a later run of collect resumes it instead of starting over.
+    raise FetchError(f"{last} after {attempts} attempt{'s' if attempts > 1 else ''}{last.note}")
+
+
+def _delay(error: _Transient, attempt: int, backoff: float) -> float:
+    wanted = error.retry_after if error.retry_after is not None else backoff * 2 ** attempt
+    return min(max(wanted, 0.0), MAX_DELAY)
+
+
+def _attempt(session: requests.Session, url: str, partial: Path, max_bytes: int, timeout: float) -> None:
+    """One request: resume the partial file if there is one, and stream the body into it."""
+    try:
+        offset = partial.stat().st_size if partial.exists() else 0
+        response = _get(session, url, offset, timeout)
+        if response.status_code == 416 and offset:
+            # Our partial is longer than the resource (it changed, or the partial is stale): start over, once.
+            response.close()
+            partial.unlink()
+            offset, response = 0, _get(session, url, 0, timeout)
+        with response:
+            _check_status(response)
+            offset = _resume_offset(response, partial, offset)
+            _stream(response, partial, offset, max_bytes)
+    except (requests.exceptions.SSLError, urllib3.exceptions.SSLError) as error:
+        raise FetchError(f"TLS error ({_root(error)})") from error  # a bad certificate does not fix itself on retry
+    except (requests.Timeout, urllib3.exceptions.ReadTimeoutError) as error:
+        raise _Transient("timed out", note=f" (timeout={timeout:g} s)") from error
+    except urllib3.exceptions.ProtocolError as error:
+        raise _Transient(f"connection dropped mid-body ({_root(error)})") from error
+    except requests.ConnectionError as error:
+        raise _Transient(f"connection failed ({_root(error)})") from error
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
+        raise FetchError(f"request failed: {error}") from error
+
+
+def _get(session: requests.Session, url: str, offset: int, timeout: float) -> requests.Response:
+    headers = dict(HEADERS, Range=f"bytes={offset}-") if offset else HEADERS
+    return session.get(url, headers=headers, stream=True, timeout=timeout)
+
+
+def _check_status(response: requests.Response) -> None:
+    status = response.status_code
+    reason = f"HTTP {status} {response.reason or ''}".rstrip()
+    if status == 429 or status >= 500:
+        retry_after = _retry_after(response) if status in (429, 503) else None
+        raise _Transient(reason, retry_after=retry_after)
+    if status not in (200, 206):
+        raise FetchError(reason)  # 404, 403, ...: permanent, retrying cannot help
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Retry-After in seconds; an HTTP-date or garbage falls back to our own backoff."""
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _resume_offset(response: requests.Response, partial: Path, offset: int) -> int:
+    """Where the body starts in the file: `offset` on a matching 206, else 0 (the server sent the whole file)."""
+    if response.status_code == 206:
+        content_range = response.headers.get("Content-Range", "")
+        match = CONTENT_RANGE.fullmatch(content_range.strip())
+        # Appending is only right for exactly "the rest from offset"; anything else would splice a wrong file.
+        if match and int(match[1]) == offset and match[3] in ("*", str(int(match[2]) + 1)):
+            return offset
+        partial.unlink(missing_ok=True)  # start over on the next attempt
+        raise _Transient(f"server answered Range bytes={offset}- with Content-Range {content_range or '(none)'!r}")
+    if offset:
+        partial.unlink()  # 200 to a Range request: the server ignores Range and sends everything
+    return 0
+
+
+def _stream(response: requests.Response, partial: Path, offset: int, max_bytes: int) -> None:
+    length = response.headers.get("Content-Length")
+    expected = offset + int(length) if length and length.isdigit() else None
+    if expected is not None and expected > max_bytes:
+        raise FetchError(f"larger than max_bytes={max_bytes} (Content-Length says {expected} bytes)")
+    size = offset
+    try:
+        with open(partial, "ab") as f:
+            # read1, not iter_content: iter_content buffers whole chunks, and a connection dropped mid-chunk would
+            # lose the bytes already received, so the next attempt could not resume from them.
+            while chunk := response.raw.read1(CHUNK, decode_content=True):
+                size += len(chunk)
+                if size > max_bytes:  # servers can lie about, or omit, Content-Length
+                    raise FetchError(f"larger than max_bytes={max_bytes} (stopped after {size} bytes)")
+                f.write(chunk)
+    except BaseException:
+        if _encoded(response):
+            partial.unlink(missing_ok=True)  # decoded offsets are not the Range offsets of the encoded body
+        raise
+    if expected is not None and size != expected and not _encoded(response):  # urllib3 normally raises first
+        raise _Transient(f"connection dropped mid-body ({size} of {expected} bytes)")
+
+
+def _encoded(response: requests.Response) -> bool:
+    """True when a server ignored our Accept-Encoding: identity and compressed the body anyway."""
+    return response.headers.get("Content-Encoding", "identity").lower() != "identity"
+
+
+def _store(partial: Path, folder: Path, ext: str, sha256: str | None) -> Path:
+    """Check the digest and move the partial file to its content-addressed name."""
+    digest = sha256_file(partial)
+    if sha256 is not None and digest != sha256.lower():
+        partial.unlink()
+        raise FetchError(f"sha256 mismatch: expected {sha256.lower()}, got {digest}")
+    target = folder / (digest + ext)
+    if target.exists():
+        partial.unlink()  # same name means same bytes: already stored
+    else:
+        os.replace(partial, target)
+    return target
+
+
+def _root(error: BaseException) -> str:
+    """The innermost cause of a requests error, whose message is short and says what happened."""
+    for _ in range(10):  # bounded: exception chains can, in principle, loop
+        inner = error.__cause__ or error.__context__ or getattr(error, "reason", None)
+        if not isinstance(inner, BaseException) or inner is error:
+            break
+        error = inner
+    return f"{type(error).__name__}: {error}"

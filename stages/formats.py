@@ -1,0 +1,423 @@
+"""formats: read the video-annotation files our users already have into our normalized sample dicts.
+
+Users arrive with question/caption triplets, LLaVA, ShareGPT or OpenAI chat exports, or our older frame manifests.
+Asking them to convert by hand loses rows silently; here every row either becomes a sample (the shape stages.collect
+writes to data/raw/samples.jsonl) or an error {"source": "<file>:<line>", "field": "<json path>", "reason": ...}, and
+the other rows go on: one bad row among 100 000 costs that row, and the report says where to fix it.
+
+Video references are checked before anything opens or downloads them (extract does, later): only http(s) URLs and
+relative paths that stay inside the annotation file's folder pass, so a hostile file cannot point us at /etc/passwd,
+../../secrets or a file:// URL.
+"""
+import codecs
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+FORMATS = ("triplets", "llava", "sharegpt", "manifest_v1", "openai")
+VIDEO = "<video>"  # the placeholder of one video in a user turn, for every stage downstream
+SPLITS = ("train", "val", "test")
+URL_SCHEMES = ("http", "https")
+MANIFEST_QUESTION = "Describe the video."  # manifest_v1 rows carry a caption but no question
+PLACEHOLDER = VIDEO + "\n"
+_PLACEHOLDER = re.compile(re.escape(VIDEO) + r"[ \t]*\n?")  # as users write it: "<video>", "<video> ", "<video>\n"
+_BLANK = re.compile(r"\s*")
+_EXPECTED = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+_COMMON_KEYS = {"id", "split", "meta"}  # every format may have them; they never go into meta as extras
+
+# Identifying key -> format, in this order: a ShareGPT row also has "video", a LLaVA row without its conversation
+# still has "video_url", a triplet without its video still has "question".
+_SIGNATURES = (("conversations", "sharegpt"), ("conversation", "llava"), ("messages", "openai"),
+               ("frames_dir", "manifest_v1"), ("video_url", "llava"), ("video", "triplets"), ("question", "triplets"))
+_LLAVA_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+_OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+
+
+class RowError(ValueError):
+    """One problem of one row: the JSON path of the field at fault ("" for the whole row) and why."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+# ---------------------------------------------------------------------------------------------------- field checks
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _typed(value, types, field: str):
+    """Return `value` if it has one of `types`, else raise naming both (True is no integer here)."""
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise RowError(field, f"expected {' or '.join(_EXPECTED[t] for t in types)}, got {_kind(value)}")
+    return value
+
+
+def _required(row: dict, key: str, types, prefix: str = ""):
+    if key not in row:
+        raise RowError(prefix + key, "missing required key")
+    return _typed(row[key], types, prefix + key)
+
+
+def _optional(row: dict, key: str, types, prefix: str = ""):
+    """A missing key and an explicit null both mean 'not given'."""
+    return None if row.get(key) is None else _typed(row[key], types, prefix + key)
+
+
+def _text(value, field: str) -> str:
+    if not _typed(value, str, field).strip():
+        raise RowError(field, "empty text")
+    return value
+
+
+def _plain_text(value, field: str) -> str:
+    """Text where we place the placeholders ourselves: a literal <video> in it would be a video with no reference."""
+    if VIDEO in _text(value, field):
+        raise RowError(field, f"text contains the {VIDEO} placeholder; give the video as its own field or part")
+    return value
+
+
+def _video_ref(value, field: str) -> str:
+    """Accept an http(s) URL or a relative path that stays inside the annotation file's folder, exactly as written."""
+    ref = _typed(value, str, field)
+    if not ref.strip():
+        raise RowError(field, "empty video reference")
+    if "\x00" in ref:
+        raise RowError(field, "NUL character in video reference")
+    if ref.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:[\\/]", ref):
+        raise RowError(field, f"absolute path {ref!r}: path escapes the source folder")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", ref)
+    if scheme:
+        if scheme[1].lower() not in URL_SCHEMES:
+            raise RowError(field, f"refused URL scheme {scheme[1].lower()} in {ref!r} (only http, https)")
+        try:
+            host = urlsplit(ref).hostname
+        except ValueError as error:  # e.g. an unbalanced [ in the host
+            raise RowError(field, f"malformed URL {ref!r}: {error}") from None
+        if not host:
+            raise RowError(field, f"URL without a host: {ref!r}")
+    elif ".." in re.split(r"[\\/]", ref):
+        raise RowError(field, f"{ref!r}: path escapes the source folder")
+    return ref
+
+
+def _videos(value, field: str) -> list[str]:
+    """One reference or a list of them (many videos in one sample)."""
+    if isinstance(_typed(value, (str, list), field), str):
+        return [_video_ref(value, field)]
+    if not value:
+        raise RowError(field, "empty list: expected at least one video")
+    return [_video_ref(ref, f"{field}/{index}") for index, ref in enumerate(value)]
+
+
+def _role(value: str, roles: dict, field: str) -> str:
+    if value not in roles:
+        raise RowError(field, f"unknown role {value!r} (expected one of {', '.join(roles)})")
+    return roles[value]
+
+
+def _meta(row: dict, own_keys: set) -> dict:
+    """Keep what the format does not map to a sample field: top-level extras (duration, title, ...), then row meta."""
+    meta = {key: value for key, value in row.items() if key not in own_keys | _COMMON_KEYS}
+    meta.update(_optional(row, "meta", dict) or {})
+    return meta
+
+
+def _join(pieces: list[str]) -> str:
+    """Content parts on their own lines; a placeholder already ends with one."""
+    joined = ""
+    for piece in pieces:
+        joined += piece if not joined or joined.endswith("\n") else "\n" + piece
+    return joined
+
+
+# ---------------------------------------------------------------------------------------------------- one per format
+# Each returns a body: videos, turns as (role, content, field of the content), the field that names the whole
+# conversation (for errors about it), meta, and extra sample keys. _finish does what is common to all formats.
+
+def _triplets(row: dict) -> dict:
+    videos = _videos(_required(row, "video", (str, list)), "video")
+    question = _plain_text(_required(row, "question", str), "question").strip()
+    turns = [("user", PLACEHOLDER * len(videos) + question, "question")]
+    caption = _optional(row, "caption", str)
+    if caption is not None:
+        turns.append(("assistant", _plain_text(caption, "caption").strip(), "caption"))
+    return {"videos": videos, "turns": turns, "conversation": "question",
+            "meta": _meta(row, {"video", "question", "caption"})}
+
+
+def _llava_content(content, field: str) -> str:
+    """A run of image parts is the frames of the one video, so it becomes one placeholder, as a video part does."""
+    if isinstance(content, str):
+        return _plain_text(content, field)
+    if not content:
+        raise RowError(field, "empty content")
+    pieces, previous = [], None
+    for index, part in enumerate(content):
+        at = f"{field}/{index}"
+        kind = _required(_typed(part, dict, at), "type", str, at + "/")
+        if kind == "text":
+            pieces.append(_plain_text(_required(part, "text", str, at + "/"), at + "/text"))
+        elif kind == "video" or (kind == "image" and previous != "image"):
+            pieces.append(PLACEHOLDER)
+        elif kind != "image":
+            raise RowError(at + "/type", f"unknown part type {kind!r} (expected text, image or video)")
+        previous = kind
+    return _join(pieces)
+
+
+def _llava(row: dict) -> dict:
+    video = _video_ref(_required(row, "video_url", str), "video_url")
+    meta = _meta(row, {"conversation", "video_url", "num_frames"})
+    num_frames = _optional(row, "num_frames", int)
+    if num_frames is not None:
+        if num_frames < 1:
+            raise RowError("num_frames", f"expected at least 1, got {num_frames}")
+        meta["num_frames"] = num_frames
+    turns = []
+    for index, turn in enumerate(_required(row, "conversation", list)):
+        at = f"conversation/{index}"
+        role = _role(_required(_typed(turn, dict, at), "role", str, at + "/"), _LLAVA_ROLES, at + "/role")
+        content = _llava_content(_required(turn, "content", (str, list), at + "/"), at + "/content")
+        turns.append((role, content, at + "/content"))
+    return {"videos": [video], "turns": turns, "conversation": "conversation", "meta": meta}
+
+
+def _sharegpt(row: dict) -> dict:
+    key = "videos" if "videos" in row and "video" not in row else "video"  # LLaMA-Factory spells it "videos"
+    videos = _videos(_required(row, key, (str, list)), key)
+    turns = []
+    for index, turn in enumerate(_required(row, "conversations", list)):
+        at = f"conversations/{index}"
+        role = _role(_required(_typed(turn, dict, at), "from", str, at + "/"), _SHAREGPT_ROLES, at + "/from")
+        value = _text(_required(turn, "value", str, at + "/"), at + "/value")
+        turns.append((role, _PLACEHOLDER.sub(PLACEHOLDER, value), at + "/value"))
+    return {"videos": videos, "turns": turns, "conversation": "conversations",
+            "meta": _meta(row, {"video", "videos", "conversations"})}
+
+
+def _manifest_v1(row: dict) -> dict:
+    """Frames already extracted: the frames folder stands for the one video, so `videos` stays empty."""
+    frames_dir = _video_ref(_required(row, "frames_dir", str), "frames_dir")
+    meta = _meta(row, {"frames_dir", "audio"})
+    caption = _optional(_optional(row, "meta", dict) or {}, "caption", str, "meta/")
+    meta.pop("caption", None)  # it is the sample's caption now
+    turns = [("user", PLACEHOLDER + MANIFEST_QUESTION, "frames_dir")]
+    if caption is not None:
+        turns.append(("assistant", _plain_text(caption, "meta/caption").strip(), "meta/caption"))
+    body = {"videos": [], "turns": turns, "conversation": "frames_dir", "meta": meta, "frames_dir": frames_dir}
+    if _optional(row, "audio", str) is not None:
+        body["audio"] = _video_ref(row["audio"], "audio")
+    return body
+
+
+def _openai_content(content, field: str, videos: list) -> str:
+    """Each video part becomes a placeholder where it stands, and its reference is appended to `videos`."""
+    if isinstance(content, str):
+        return _plain_text(content, field)
+    if not content:
+        raise RowError(field, "empty content")
+    pieces = []
+    for index, part in enumerate(content):
+        at = f"{field}/{index}"
+        kind = _required(_typed(part, dict, at), "type", str, at + "/")
+        if kind == "text":
+            pieces.append(_plain_text(_required(part, "text", str, at + "/"), at + "/text"))
+            continue
+        if kind == "video_url":
+            url = _required(_required(part, "video_url", dict, at + "/"), "url", str, at + "/video_url/")
+            videos.append(_video_ref(url, at + "/video_url/url"))
+        elif kind == "video":
+            videos.append(_video_ref(_required(part, "video", str, at + "/"), at + "/video"))
+        else:
+            raise RowError(at + "/type", f"unknown part type {kind!r} (expected text, video_url or video)")
+        pieces.append(PLACEHOLDER)
+    return _join(pieces)
+
+
+def _openai(row: dict) -> dict:
+    videos, turns = [], []
+    for index, message in enumerate(_required(row, "messages", list)):
+        at = f"messages/{index}"
+        role = _role(_required(_typed(message, dict, at), "role", str, at + "/"), _OPENAI_ROLES, at + "/role")
+        content = _openai_content(_required(message, "content", (str, list), at + "/"), at + "/content", videos)
+        turns.append((role, content, at + "/content"))
+    if not videos:
+        raise RowError("messages", "no video part in any message")
+    return {"videos": videos, "turns": turns, "conversation": "messages", "meta": _meta(row, {"messages"})}
+
+
+CONVERTERS = {"triplets": _triplets, "llava": _llava, "sharegpt": _sharegpt, "manifest_v1": _manifest_v1,
+              "openai": _openai}
+
+
+# ---------------------------------------------------------------------------------------------------- common checks
+
+def _check_turns(turns: list, expected_videos: int, conversation: str) -> None:
+    if not any(role == "user" for role, _, _ in turns):
+        raise RowError(conversation, "no user turn")
+    for role, content, field in turns:
+        if role != "user" and VIDEO in content:
+            raise RowError(field, f"{role} turn with a video (videos belong in user turns)")
+    found = sum(content.count(VIDEO) for role, content, _ in turns if role == "user")
+    if found != expected_videos:
+        plural = "s" if expected_videos != 1 else ""
+        raise RowError(conversation, f"{found} {VIDEO} placeholders in user turns for {expected_videos} video{plural}")
+
+
+def _row_id(row: dict, default: str) -> str:
+    if row.get("id") is None:
+        return default
+    value = _typed(row["id"], (str, int), "id")  # integer ids are common in exports; ours are strings
+    if not str(value).strip():
+        raise RowError("id", "empty id")
+    return str(value)
+
+
+def _finish(row: dict, body: dict, default_id: str) -> dict:
+    """What every format shares: turn checks, system turns into meta, question and caption, id and split."""
+    turns, videos = body.pop("turns"), body.pop("videos")
+    _check_turns(turns, len(videos) + ("frames_dir" in body), body.pop("conversation"))
+    meta = body.pop("meta")
+    system = [content for role, content, _ in turns if role == "system"]
+    if system:
+        meta["system"] = "\n\n".join(system)
+    messages = [{"role": role, "content": content} for role, content, _ in turns if role != "system"]
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    sample = {"id": _row_id(row, default_id), "videos": videos, "messages": messages,
+              "question": _PLACEHOLDER.sub("", user).strip(), "caption": answers[-1].strip() if answers else None,
+              "meta": meta}
+    split = _optional(row, "split", str)
+    if split is not None:
+        if split not in SPLITS:
+            raise RowError("split", f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        sample["split"] = split
+    return sample | body  # frames_dir and audio of manifest_v1
+
+
+def detect_format(row: dict) -> str:
+    """The format whose identifying key the row has; ValueError naming the keys seen when none has one."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {_kind(row)}")
+    for key, fmt in _SIGNATURES:
+        if key in row:
+            return fmt
+    known = ", ".join(f"{key} ({fmt})" for key, fmt in _SIGNATURES)
+    raise ValueError(f"no known format matches the keys {sorted(row)}; expected one of: {known}")
+
+
+def _convert(row: dict, fmt: str, default_id: str) -> dict:
+    try:
+        body = CONVERTERS[fmt](row)
+    except RowError:
+        # a row of another format fails on its first key; saying which format it is helps more than that key
+        # ("video" alone is no evidence: ShareGPT rows have it too)
+        other = next((f for key, f in _SIGNATURES if key in row and key != "video"), fmt)
+        if other != fmt:
+            raise RowError("", f"a {other} row in a {fmt} file") from None
+        raise
+    return _finish(row, body, default_id)
+
+
+# ---------------------------------------------------------------------------------------------------- reading files
+
+def _line_rows(lines):
+    """Yield (line, row, problem) per non-empty line; a bad line is a problem and the lines after it go on."""
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            yield number, None, "not UTF-8 text"
+            continue
+        except json.JSONDecodeError as error:
+            yield number, None, f"invalid JSON: {error.msg} (column {error.colno})"
+            continue
+        except RecursionError:  # "[[[[..." a few thousand deep
+            yield number, None, "invalid JSON: nested too deeply"
+            continue
+        yield number, row, None if isinstance(row, dict) else f"expected a JSON object, got {_kind(row)}"
+
+
+def _array_rows(data: bytes):
+    """Yield (line where the element starts, row, problem) per element of a JSON array.
+
+    raw_decode parses one element at a time, hence the real line numbers. A syntax error inside an array cannot be
+    skipped reliably (where would the next element start?), so it ends the file; the elements before it are kept.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        yield data.count(b"\n", 0, error.start) + 1, None, "not UTF-8 text"
+        return
+    decoder, at, item = json.JSONDecoder(), _BLANK.match(text, text.index("[") + 1).end(), 0
+    line, counted = 1, 0  # newlines are counted incrementally: recounting from 0 per element is quadratic
+    while not (item == 0 and text.startswith("]", at)):
+        item += 1
+        line, counted = line + text.count("\n", counted, at), at
+        try:
+            row, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as error:
+            yield error.lineno, None, f"item {item}: invalid JSON: {error.msg} (column {error.colno})"
+            return
+        except RecursionError:
+            yield line, None, f"item {item}: invalid JSON: nested too deeply"
+            return
+        yield line, row, None if isinstance(row, dict) else f"item {item}: expected a JSON object, got {_kind(row)}"
+        at = _BLANK.match(text, at).end()
+        if not text.startswith(",", at):
+            break
+        at = _BLANK.match(text, at + 1).end()
+    if not text.startswith("]", at) or text[at + 1:].strip():
+        yield text.count("\n", 0, at) + 1, None, f"invalid JSON: expected ',' or a single closing ']' after item {item}"
+
+
+def _rows(path: Path):
+    if path.suffix.lower() == ".json":
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+        if data.lstrip()[:1] == b"[":
+            yield from _array_rows(data)
+        else:  # JSON Lines saved as .json is common enough (many exported data sets) to read as such
+            yield from _line_rows(data.split(b"\n"))
+        return
+    with open(path, "rb") as lines:  # streamed: JSONL files can be large
+        yield from _line_rows(lines)
+
+
+def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[dict], list[dict]]:
+    """Read one annotation file into (samples, errors); a bad row becomes an error and the other rows go on.
+
+    errors: {"source": "<path>:<line>", "field": "<json path like conversations/1/value>", "reason": "..."}.
+    With fmt="auto" the format is the one of the first row that parses as an object and matches one.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown annotation format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+    path = Path(path)
+    samples, errors, first_line = [], [], {}
+    for line, row, problem in _rows(path):
+        try:
+            if problem:
+                raise RowError("", problem)
+            if fmt == "auto":
+                try:
+                    fmt = detect_format(row)
+                except ValueError as error:
+                    raise RowError("", str(error)) from None
+            sample = _convert(row, fmt, default_id=f"{path.stem}-{line}")
+            if sample["id"] in first_line:
+                raise RowError("id", f"duplicate id {sample['id']!r} (first at line {first_line[sample['id']]})")
+        except RowError as error:
+            errors.append({"source": f"{path}:{line}", "field": error.field, "reason": error.reason})
+            continue
+        except Exception as error:  # noqa: BLE001 - a bug on one odd row must cost that row, not the whole import
+            errors.append({"source": f"{path}:{line}", "field": "", "reason": f"internal error: {error!r}"})
+            continue
+        first_line[sample["id"]] = line
+        samples.append(sample)
+    return samples, errors

@@ -1,0 +1,165 @@
+"""Bring the user's own data into data/raw: local folders with an annotation file, and lists of URLs.
+
+Every video is stored once, content-addressed as videos/<sha256><ext>, whether it came from a folder or a download;
+a folder of already extracted frames (manifest v1) is packed into one uncompressed tar, so DVC still sees one file
+per video. A row or a video that cannot be used becomes a reject record with its source, field and reason; the rows
+beside it go on.
+"""
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from stages import fetch, formats
+from stages.files import sha256_file
+
+# outside DVC's outputs: a failed run resumes its partial files there, and a rerun fetches no URL twice
+DOWNLOADS = Path(".downloads")
+IMAGES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+DEFAULT_QUESTION = "Describe the video."
+
+
+def is_url(reference: str) -> bool:
+    return reference.startswith(("http://", "https://"))   # other schemes were refused by the importer
+
+
+class SourceError(Exception):
+    """A reference that cannot be stored; the message is the reject reason."""
+
+
+def store_file(path: Path, videos: Path) -> str:
+    """Copy a local file into videos/ under its content hash; return its path relative to data/raw."""
+    target = videos / f"{sha256_file(path)}{path.suffix.lower()}"
+    if not target.exists():
+        shutil.copyfile(path, target)
+    return f"videos/{target.name}"
+
+
+def store_frames(folder: Path, videos: Path) -> str:
+    """Pack a folder of frame images (sorted by name) into a reproducible tar: same images, same bytes, same hash."""
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGES)
+    if not images:
+        raise SourceError(f"no frame images ({', '.join(sorted(IMAGES))}) in {folder}")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for index, image in enumerate(images):
+            data = image.read_bytes()
+            info = tarfile.TarInfo(f"{index:06d}{image.suffix.lower()}")
+            info.size = len(data)   # mtime, owner and mode stay at their zero defaults
+            tar.addfile(info, io.BytesIO(data))
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (videos / f"{digest}.tar").write_bytes(buffer.getvalue())
+    return f"videos/{digest}.tar"
+
+
+def resolve(reference: str, folder: Path, directory: bool = False) -> Path:
+    """A local file (or directory) inside the source folder; `..` or a symlink out of it is refused."""
+    path = (folder / reference).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise SourceError(f"{reference}: path escapes the source folder {folder}")
+    if not (path.is_dir() if directory else path.is_file()):
+        raise SourceError(f"{reference}: no such {'folder' if directory else 'file'} in {folder}")
+    return path
+
+
+def download_all(urls: dict[str, str | None], videos: Path, download: dict) -> dict[str, str | Exception]:
+    """{url: stored path or the error}, each URL fetched once (into DOWNLOADS, then linked), several at a time."""
+    (DOWNLOADS / "urls").mkdir(parents=True, exist_ok=True)
+
+    def one(url):
+        seen = DOWNLOADS / "urls" / hashlib.sha256(url.encode()).hexdigest()   # holds the stored file's name
+        path = DOWNLOADS / seen.read_text() if seen.exists() else None
+        if path is None or not path.exists() or (urls[url] and not path.name.startswith(urls[url].lower())):
+            try:
+                path = fetch.download(url, DOWNLOADS, sha256=urls[url], timeout=download["timeout"],
+                                      max_bytes=int(download["max_megabytes"] * 2**20), retries=download["retries"],
+                                      backoff=download["backoff"])
+            except fetch.FetchError as error:
+                return error
+            seen.write_text(path.name)
+        target = videos / path.name
+        if not target.exists():
+            try:
+                os.link(path, target)
+            except OSError:   # another file system: copy
+                shutil.copyfile(path, target)
+        return f"videos/{target.name}"
+    with ThreadPoolExecutor(max_workers=download["parallel"]) as pool:
+        return dict(zip(urls, pool.map(one, urls)))
+
+
+def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict) -> dict:
+    """The sample with its references replaced by stored paths; SourceError names the first one that failed."""
+    stored = []
+    for reference in sample["videos"]:
+        if is_url(reference):
+            result = fetched[reference]
+            if isinstance(result, Exception):
+                raise SourceError(f"{reference}: {result}")
+            stored.append(result)
+        else:
+            stored.append(store_file(resolve(reference, folder), videos))
+    if sample.get("frames_dir"):
+        stored.append(store_frames(resolve(sample["frames_dir"], folder, directory=True), videos))
+    kept = {key: value for key, value in sample.items() if key not in ("frames_dir", "audio")}
+    if sample.get("audio"):
+        kept["audio"] = store_file(resolve(sample["audio"], folder), videos)
+    return {**kept, "videos": stored}
+
+
+def import_source(source: dict, download: dict, videos: Path) -> tuple[list[dict], list[dict]]:
+    """(samples, rejects) of one `local` or `urls` entry of collect.sources."""
+    folder = Path(source.get("folder", "."))
+    if source["kind"] == "urls":
+        samples, rejects = url_samples(source, folder)
+        annotations = folder / source["file"] if "file" in source else "collect.sources.urls"
+    else:
+        annotations = folder / source["annotations"]
+        if not annotations.is_file():
+            raise SystemExit(f"collect: annotation file {annotations} not found (collect.sources, kind local)")
+        samples, rejects = formats.read_annotations(annotations, source.get("format", "auto"))
+        rejects = [{"id": None, **reject} for reject in rejects]   # a row that did not parse has no sure id
+    wanted = {}
+    for sample in samples:
+        for reference in sample["videos"]:
+            if is_url(reference):
+                wanted.setdefault(reference, sample.get("meta", {}).get("sha256"))
+    fetched = download_all(wanted, videos, download) if wanted else {}
+    kept = []
+    for sample in samples:
+        try:
+            kept.append(store_sample(sample, folder, videos, fetched))
+        except SourceError as error:
+            rejects.append({"id": sample["id"], "source": str(annotations), "field": "videos", "reason": str(error)})
+    return kept, rejects
+
+
+def url_samples(source: dict, folder: Path) -> tuple[list[dict], list[dict]]:
+    """One uncaptioned sample per URL, from `urls` (a list) or `file` (one "URL [sha256]" per line)."""
+    if "file" in source:
+        path = folder / source["file"]
+        lines = [(f"{path}:{n}", line.split()) for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        lines = [(f"collect.sources.urls[{n}]", [url]) for n, url in enumerate(source["urls"])]
+    samples, rejects = [], []
+    for where, (url, *checksum) in lines:
+        try:
+            fetch.check_url(url)
+        except fetch.FetchError as error:
+            rejects.append({"id": None, "source": where, "field": "url", "reason": str(error)})
+            continue
+        name = hashlib.sha256(url.encode()).hexdigest()[:16]
+        samples.append({"id": f"url-{name}", "videos": [url], "question": DEFAULT_QUESTION, "caption": None,
+                        "messages": [{"role": "user", "content": f"{formats.VIDEO}\n{DEFAULT_QUESTION}"}],
+                        "meta": {"source_url": url, **({"sha256": checksum[0]} if checksum else {})}})
+    return samples, rejects
+
+
+def assign_split(sample_id: str, val_fraction: float, test_fraction: float) -> str:
+    """A split drawn from the id's hash: stable when other samples are added or removed."""
+    draw = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if draw < test_fraction else "val" if draw < test_fraction + val_fraction else "train"

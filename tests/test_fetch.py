@@ -1,0 +1,317 @@
+"""stages.fetch against a real threaded HTTP server on 127.0.0.1: statuses, retries, resume, size cap, checksums.
+
+Each test gets its own server, so the per-path request counters (which drive "fail the first n requests") and the
+request log start empty; the log lets a test assert how many attempts the client really made, with which Range.
+"""
+import hashlib
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from stages.fetch import FetchError, _delay, _Transient, check_url, download
+
+BODY = bytes(range(256)) * 400  # 102,400 bytes, not all equal so a wrong offset shows
+CAP = 200_000
+SLEEP = 0.8  # longer than FAST["timeout"]
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Each path is one server behaviour; see the module docstring of the test for why the counters exist."""
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        with self.server.lock:
+            self.server.log.append((path, self.headers.get("Range")))
+            count = self.server.counts[path] = self.server.counts.get(path, 0) + 1
+        route = ROUTES.get(path.rsplit(".", 1)[0])
+        if route is None:
+            return self.send_error(404)
+        try:
+            route(self, count)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up first, on purpose (size cap, timeout)
+
+    def log_message(self, *args):
+        pass  # keep pytest output clean
+
+    def send_body(self, body: bytes, status: int = 200, headers: dict | None = None, length: bool = True):
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_range(self, count: int):
+        """Honour `Range: bytes=n-` like a real file server does."""
+        wanted = self.headers.get("Range")
+        if not wanted:
+            return self.send_body(BODY)
+        start = int(wanted.removeprefix("bytes=").rstrip("-"))
+        if start >= len(BODY):
+            return self.send_body(b"", 416, {"Content-Range": f"bytes */{len(BODY)}"})
+        self.send_body(BODY[start:], 206, {"Content-Range": f"bytes {start}-{len(BODY) - 1}/{len(BODY)}"})
+
+    def drop(self, count: int):
+        if count > 1:
+            return self.send_range(count)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY[: len(BODY) // 2])
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)  # mid-body: the client has half the promised bytes
+
+    def stall(self, count: int):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY[:1000])
+        self.wfile.flush()
+        time.sleep(SLEEP)  # headers arrived in time, the rest of the body does not
+
+    def liar(self, count: int):
+        self.send_response(200)
+        self.end_headers()  # no Content-Length: HTTP/1.0 body runs until the connection closes
+        for _ in range(CAP // len(BODY) + 3):
+            self.wfile.write(BODY)
+
+
+ROUTES = {
+    "/ok": lambda h, n: h.send_body(BODY),
+    "/copy": lambda h, n: h.send_body(BODY),
+    "/other": lambda h, n: h.send_body(BODY[::-1]),
+    "/range": Handler.send_range,
+    "/norange": lambda h, n: h.send_body(BODY),  # ignores Range
+    "/badrange": lambda h, n: h.send_body(BODY, 206, {"Content-Range": f"bytes 0-{len(BODY) - 1}/{len(BODY)}"}),
+    "/busy": lambda h, n: h.send_body(b"slow down", 429, {"Retry-After": "0"}) if n <= 2 else h.send_body(BODY),
+    "/flaky": lambda h, n: h.send_body(b"oops", 500) if n == 1 else h.send_body(BODY),
+    "/down": lambda h, n: h.send_body(b"maintenance", 503),
+    "/forbidden": lambda h, n: h.send_body(b"no", 403),
+    "/slow": lambda h, n: (time.sleep(SLEEP), h.send_body(BODY)),
+    "/drop": Handler.drop,
+    "/stall": Handler.stall,
+    "/huge": lambda h, n: h.send_body(b"", headers={"Content-Length": str(CAP + 1)}, length=False),
+    "/liar": Handler.liar,
+}
+FAST = {"max_bytes": CAP, "timeout": 0.3, "retries": 3, "backoff": 0.01}
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: the OS picks a free one
+    httpd.lock, httpd.log, httpd.counts = threading.Lock(), [], {}
+    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def partial_files(folder: Path) -> list[Path]:
+    return sorted((folder / ".partial").glob("*.part"))
+
+
+def partial_of(folder: Path, url: str) -> Path:
+    return folder / ".partial" / (hashlib.sha256(url.encode()).hexdigest() + ".part")
+
+
+def test_ok_is_stored_content_addressed(server, tmp_path):
+    path = download(server.base + "/ok.mp4", tmp_path, **FAST)
+    assert path == tmp_path / (hashlib.sha256(BODY).hexdigest() + ".mp4")
+    assert path.read_bytes() == BODY
+    assert server.log == [("/ok.mp4", None)]
+    assert partial_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, ext", [("/ok.MP4", ".mp4"), ("/ok.webm?x=1", ".webm"), ("/ok.exe", ".bin"),
+                                       ("/ok", ".bin")])
+def test_extension_from_url_path(server, tmp_path, name, ext):
+    assert download(server.base + name, tmp_path, **FAST).name == hashlib.sha256(BODY).hexdigest() + ext
+
+
+def test_same_bytes_from_two_urls_give_one_file(server, tmp_path):
+    first = download(server.base + "/ok.mp4", tmp_path, **FAST)
+    second = download(server.base + "/copy.mp4", tmp_path, **FAST)
+    other = download(server.base + "/other.mp4", tmp_path, **FAST)
+    assert first == second != other
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == sorted([first.name, other.name])
+    assert partial_files(tmp_path) == []
+
+
+def test_missing_fails_at_once(server, tmp_path):
+    with pytest.raises(FetchError, match=r"^HTTP 404 Not Found$"):
+        download(server.base + "/missing.mp4", tmp_path, **FAST)
+    assert len(server.log) == 1
+
+
+def test_forbidden_fails_at_once(server, tmp_path):
+    with pytest.raises(FetchError, match=r"^HTTP 403 Forbidden$"):
+        download(server.base + "/forbidden.mp4", tmp_path, **FAST)
+    assert len(server.log) == 1
+
+
+def test_busy_honours_retry_after_then_succeeds(server, tmp_path):
+    started = time.monotonic()
+    path = download(server.base + "/busy.mp4", tmp_path, **dict(FAST, backoff=5))  # Retry-After: 0 wins over 5 s
+    assert time.monotonic() - started < 2
+    assert path.read_bytes() == BODY
+    assert len(server.log) == 3
+
+
+def test_delay_is_capped():
+    assert _delay(_Transient("HTTP 429", retry_after=3600), 0, 0.01) == 60
+    assert _delay(_Transient("HTTP 500"), 30, 1.0) == 60
+    assert _delay(_Transient("HTTP 500"), 2, 0.5) == 2.0
+
+
+def test_flaky_500_is_retried(server, tmp_path):
+    assert download(server.base + "/flaky.mp4", tmp_path, **FAST).read_bytes() == BODY
+    assert len(server.log) == 2
+
+
+def test_persistent_503_reports_status_and_attempts(server, tmp_path):
+    with pytest.raises(FetchError, match=r"^HTTP 503 Service Unavailable after 4 attempts$"):
+        download(server.base + "/down.mp4", tmp_path, **FAST)
+    assert len(server.log) == 4
+
+
+def test_no_retries_means_one_attempt(server, tmp_path):
+    with pytest.raises(FetchError, match=r"^HTTP 503 Service Unavailable after 1 attempt$"):
+        download(server.base + "/down.mp4", tmp_path, **dict(FAST, retries=0))
+    assert len(server.log) == 1
+
+
+def test_slow_server_times_out(server, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"^timed out after 2 attempts \(timeout=0.3 s\)$"):
+        download(server.base + "/slow.mp4", tmp_path, **dict(FAST, retries=1))
+    assert len(server.log) == 2
+    assert time.monotonic() - started < 2 * SLEEP  # the client gave up, it did not wait for the server
+
+
+def test_stalled_body_times_out_and_keeps_partial(server, tmp_path):
+    url = server.base + "/stall.mp4"
+    with pytest.raises(FetchError, match=r"^timed out after 1 attempt \(timeout=0.3 s\)$"):
+        download(url, tmp_path, **dict(FAST, retries=0))
+    assert partial_of(tmp_path, url).read_bytes() == BODY[:1000]  # kept for the next run to resume
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    path = download(server.base + "/drop.mp4", tmp_path, **FAST)
+    assert path.read_bytes() == BODY
+    assert server.log == [("/drop.mp4", None), ("/drop.mp4", f"bytes={len(BODY) // 2}-")]
+    assert partial_files(tmp_path) == []
+
+
+def test_dropped_connection_reported_when_out_of_retries(server, tmp_path):
+    url = server.base + "/drop.mp4"
+    with pytest.raises(FetchError, match=r"^connection dropped mid-body \(.+\) after 1 attempt$"):
+        download(url, tmp_path, **dict(FAST, retries=0))
+    assert partial_of(tmp_path, url).stat().st_size == len(BODY) // 2
+
+
+def test_partial_from_earlier_run_is_resumed(server, tmp_path):
+    url = server.base + "/range.mp4"
+    partial = partial_of(tmp_path, url)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(BODY[:12345])
+    assert download(url, tmp_path, **FAST).read_bytes() == BODY
+    assert server.log == [("/range.mp4", "bytes=12345-")]
+
+
+def test_server_ignoring_range_starts_over(server, tmp_path):
+    url = server.base + "/norange.mp4"
+    partial = partial_of(tmp_path, url)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(BODY[:12345])
+    assert download(url, tmp_path, **FAST).read_bytes() == BODY
+    assert server.log == [("/norange.mp4", "bytes=12345-")]
+
+
+def test_unsatisfiable_range_restarts_from_zero(server, tmp_path):
+    url = server.base + "/range.mp4"
+    partial = partial_of(tmp_path, url)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(BODY + b"stale tail")  # longer than the resource: it changed since
+    assert download(url, tmp_path, **FAST).read_bytes() == BODY
+    assert server.log == [("/range.mp4", f"bytes={len(BODY) + 10}-"), ("/range.mp4", None)]
+
+
+def test_range_answered_with_another_range_starts_over(server, tmp_path):
+    url = server.base + "/badrange.mp4"
+    partial = partial_of(tmp_path, url)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(BODY[:12345])
+    assert download(url, tmp_path, **FAST).read_bytes() == BODY  # not BODY[:12345] + BODY
+    assert server.log == [("/badrange.mp4", "bytes=12345-"), ("/badrange.mp4", None)]
+
+
+def test_content_length_over_cap_fails_at_once(server, tmp_path):
+    with pytest.raises(FetchError, match=rf"^larger than max_bytes={CAP} \(Content-Length says {CAP + 1} bytes\)$"):
+        download(server.base + "/huge.mp4", tmp_path, **FAST)
+    assert len(server.log) == 1
+    assert partial_files(tmp_path) == []
+
+
+def test_stream_over_cap_without_content_length_fails(server, tmp_path):
+    with pytest.raises(FetchError, match=rf"^larger than max_bytes={CAP} \(stopped after \d+ bytes\)$"):
+        download(server.base + "/liar.mp4", tmp_path, **FAST)
+    assert len(server.log) == 1
+    assert partial_files(tmp_path) == []
+
+
+def test_body_of_exactly_max_bytes_is_allowed(server, tmp_path):
+    assert download(server.base + "/ok.mp4", tmp_path, **dict(FAST, max_bytes=len(BODY))).read_bytes() == BODY
+
+
+def test_checksum_match(server, tmp_path):
+    digest = hashlib.sha256(BODY).hexdigest()
+    assert download(server.base + "/ok.mp4", tmp_path, **FAST, sha256=digest.upper()).name == digest + ".mp4"
+
+
+def test_checksum_mismatch(server, tmp_path):
+    wrong = "0" * 64
+    actual = hashlib.sha256(BODY).hexdigest()
+    with pytest.raises(FetchError, match=rf"^sha256 mismatch: expected {wrong}, got {actual}$"):
+        download(server.base + "/ok.mp4", tmp_path, **FAST, sha256=wrong)
+    assert list(tmp_path.glob("*.mp4")) == [] and partial_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("scheme", ["file", "ftp"])
+def test_other_schemes_refused_without_a_request(server, tmp_path, scheme):
+    url = server.base.replace("http", scheme, 1) + "/ok.mp4"  # points at our server: any request would show up
+    with pytest.raises(FetchError, match=rf"^refused URL scheme {scheme}: only http and https are fetched$"):
+        download(url, tmp_path, **FAST)
+    assert server.log == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("data:video/mp4;base64,AAAA", "refused URL scheme data"),
+    ("/ok.mp4", r"refused URL scheme \(none\)"),
+    ("http:///ok.mp4", "refused URL without a host"),
+    ("https://", "refused URL without a host"),
+])
+def test_check_url_refuses(url, reason):
+    with pytest.raises(FetchError, match=f"^{reason}"):
+        check_url(url)
+
+
+def test_check_url_accepts_http_and_https():
+    check_url("http://example.com/a.mp4")
+    check_url("HTTPS://example.com:8443/a.mp4?x=1")
+
+
+def test_connection_refused_is_retried_and_reported(tmp_path):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(FetchError, match=r"^connection failed \(.*refused.*\) after 2 attempts$"):
+        download(f"http://127.0.0.1:{port}/ok.mp4", tmp_path, **dict(FAST, retries=1))

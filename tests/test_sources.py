@@ -1,0 +1,249 @@
+"""Bringing the user's data in: stored references, and (e2e) every source kind and every annotation format through
+`dvc repro`, beside a corpus of hostile inputs and a URL server on 127.0.0.1 that answers 404, 429 and slowly."""
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from ruamel.yaml import YAML
+
+from stages import sources
+from stages.files import read_jsonl, sha256_file
+from tests.test_pipeline import copy_repository, dvc, ran
+from tests.test_video import ffmpeg, make_video
+
+
+def frame_folder(folder: Path, count: int = 6) -> Path:
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.new("RGB", (40, 30), (index * 40, 80, 0)).save(folder / f"frame_{index:03d}.png")
+    return folder
+
+
+def test_frame_folders_pack_into_the_same_tar_whatever_their_timestamps(tmp_path):
+    frames = frame_folder(tmp_path / "frames")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = sources.store_frames(frames, tmp_path / "a")
+    os.utime(frames / "frame_000.png", (1, 1))
+    assert sources.store_frames(frames, tmp_path / "b") == first
+    assert first == f"videos/{sha256_file(tmp_path / 'b' / Path(first).name)}.tar"
+    with pytest.raises(sources.SourceError, match="no frame images"):
+        sources.store_frames(tmp_path / "a", tmp_path / "b")
+
+
+def test_references_cannot_leave_the_source_folder(tmp_path):
+    folder = tmp_path / "source"
+    folder.mkdir()
+    (tmp_path / "secret.mp4").write_bytes(b"x")
+    (folder / "link.mp4").symlink_to(tmp_path / "secret.mp4")
+    for reference in ("../secret.mp4", "link.mp4"):
+        with pytest.raises(sources.SourceError, match="escapes the source folder"):
+            sources.resolve(reference, folder)
+    with pytest.raises(sources.SourceError, match="no such file"):
+        sources.resolve("missing.mp4", folder)
+
+
+def test_url_lists_with_checksums_comments_and_refused_schemes(tmp_path):
+    (tmp_path / "urls.txt").write_text("# clips\nhttps://example.com/a.mp4 " + "0" * 64 + "\n\n"
+                                       "file:///etc/passwd\nhttp://example.com/b.webm\n")
+    samples, rejects = sources.url_samples({"kind": "urls", "file": "urls.txt"}, tmp_path)
+    assert [s["videos"] for s in samples] == [["https://example.com/a.mp4"], ["http://example.com/b.webm"]]
+    assert samples[0]["meta"]["sha256"] == "0" * 64 and samples[0]["caption"] is None
+    assert rejects == [{"id": None, "source": f"{tmp_path / 'urls.txt'}:4", "field": "url",
+                        "reason": "refused URL scheme file: only http and https are fetched"}]
+
+
+def test_splits_follow_the_id_not_the_order():
+    drawn = [sources.assign_split(f"clip-{i}", 0.1, 0.2) for i in range(2000)]
+    assert abs(drawn.count("test") / 2000 - 0.2) < 0.03 and abs(drawn.count("val") / 2000 - 0.1) < 0.03
+    assert sources.assign_split("clip-7", 0.1, 0.2) == drawn[7]
+
+
+# ---------------------------------------------------------------- e2e: every kind and format through `dvc repro`
+
+class Server(BaseHTTPRequestHandler):
+    """Serves the corpus folder; /busy/* answers 429 twice first, /slow/* stalls past the timeout, others 404."""
+
+    def do_GET(self):
+        counts = self.server.counts
+        counts[self.path] = counts.get(self.path, 0) + 1
+        name = self.path.rsplit("/", 1)[-1]
+        if self.path.startswith("/busy/") and counts[self.path] <= 2:
+            return self.reply(429, b"slow down", {"Retry-After": "0"})
+        if self.path.startswith("/slow/"):
+            time.sleep(3)
+        path = self.server.folder / name
+        if not path.is_file():
+            return self.reply(404, b"not found")
+        self.reply(200, path.read_bytes())
+
+    def reply(self, status, body, headers=None):
+        try:
+            self.send_response(status)
+            for key, value in {**(headers or {}), "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the client timed out first, on purpose
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    httpd.folder, httpd.counts = tmp_path / "served", {}
+    httpd.folder.mkdir()
+    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def build_corpus(folder: Path, served: Path, base: str) -> dict:
+    """Good videos in several codecs and shapes, hostile files, and one annotation file per format.
+    Returns {sample id: expected fate}."""
+    good = {"h264.mp4": {}, "vp9.webm": {"codec": "libvpx-vp9", "extra": ("-deadline", "realtime")},
+            "mpeg4.avi": {"codec": "mpeg4"}, "hevc.mkv": {"codec": "libx265", "extra": ("-x265-params",
+                                                                                          "log-level=error")},
+            "odd.mkv": {"size": "33x17", "source": "testsrc=", "extra": ("-pix_fmt", "yuv444p")},
+            "big.mp4": {"size": "4000x3000", "seconds": 0.5}}
+    for name, how in good.items():
+        make_video(folder / name, seconds=how.get("seconds", 1), size=how.get("size", "64x48"),
+                   codec=how.get("codec", "libx264"), extra=how.get("extra", ()), source=how.get("source", "testsrc2="))
+    ffmpeg("-display_rotation", "90", "-i", str(folder / "h264.mp4"), "-c", "copy", str(folder / "rotated.mp4"))
+    ffmpeg("-i", str(folder / "h264.mp4"), "-vf", "select='lt(n,4)+not(mod(n,3))'", "-fps_mode", "vfr",
+           str(folder / "vfr.mp4"))
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=300", "-t", "1", str(folder / "audio_only.m4a"))
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("this is a text file, renamed\n" * 20)
+    data = (folder / "h264.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    frame_folder(folder / "frames_a")
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=500", "-t", "2", "-ar", "16000", str(folder / "speech.wav"))
+    make_video(served / "remote1.mp4", seconds=1)
+    make_video(served / "remote2.mp4", seconds=1, size="48x48")
+
+    q, c = "What is shown?", "a test pattern"
+    write_jsonl(folder / "triplets.jsonl", [
+        {"id": "t-h264", "video": "h264.mp4", "question": q, "caption": c},
+        {"id": "t-url", "video": f"{base}/remote1.mp4", "question": q, "caption": c},
+        {"id": "t-rotated", "video": "rotated.mp4", "question": q, "caption": c},
+        {"id": "t-vfr", "video": "vfr.mp4", "question": q, "caption": c},
+        {"id": "t-big", "video": "big.mp4", "question": q, "caption": c},
+        {"id": "t-zero", "video": "zero.mp4", "question": q, "caption": c},
+        {"id": "t-text", "video": "text.mp4", "question": q, "caption": c},
+        {"id": "t-truncated", "video": "truncated.mp4", "question": q, "caption": c},
+        {"id": "t-audio", "video": "audio_only.m4a", "question": q, "caption": c},
+        {"id": "t-escape", "video": "../outside.mp4", "question": q, "caption": c},
+        {"id": "t-file-url", "video": "file:///etc/passwd", "question": q, "caption": c},
+        {"id": "t-type", "video": "h264.mp4", "question": 3, "caption": c},
+        '{"id": "t-broken", "video": ',
+        {"id": "t-missing", "video": "not_there.mp4", "question": q, "caption": c},
+        {"id": "t-404", "video": f"{base}/gone.mp4", "question": q, "caption": c},
+    ])
+    (folder / "llava.json").write_text(json.dumps([
+        {"id": "l-vp9", "video_url": "vp9.webm", "num_frames": 4, "conversation": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": q}]},
+            {"role": "assistant", "content": [{"type": "text", "text": c}]}]}], indent=1))
+    write_jsonl(folder / "sharegpt.jsonl", [
+        {"id": "s-three", "video": ["hevc.mkv", "mpeg4.avi", "odd.mkv"], "conversations": [
+            {"from": "human", "value": "<video>\n<video>\n<video>\nCompare the clips."},
+            {"from": "gpt", "value": "three test patterns"}]},
+        {"id": "s-mismatch", "video": ["hevc.mkv"], "conversations": [
+            {"from": "human", "value": "<video>\n<video>\nCompare."}, {"from": "gpt", "value": "x"}]}])
+    write_jsonl(folder / "manifest_v1.jsonl", [
+        {"id": "m-frames", "frames_dir": "frames_a", "audio": "speech.wav",
+         "meta": {"caption": c, "transcript": "hello there", "duration": 3.0, "source_path": "/old/a.mp4"}}])
+    write_jsonl(folder / "openai.jsonl", [
+        {"id": "o-url", "messages": [
+            {"role": "system", "content": "You describe videos."},
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"{base}/busy/remote2.mp4"}},
+                                         {"type": "text", "text": q}]},
+            {"role": "assistant", "content": c}]}])
+    (folder / "urls.txt").write_text(f"{base}/remote2.mp4\n{base}/slow/remote1.mp4\nftp://example.com/a.mp4\n")
+    survive = ["t-h264", "t-url", "t-rotated", "t-vfr", "t-big", "l-vp9", "s-three", "m-frames", "o-url"]
+    quarantined = ["t-zero", "t-text", "t-truncated", "t-audio"]
+    return {"survive": survive, "quarantined": quarantined}
+
+
+@pytest.mark.e2e
+def test_every_source_kind_and_format_through_dvc_repro(tmp_path_factory, server):
+    repo = copy_repository(tmp_path_factory.mktemp("sources"))
+    folder = repo / "data/sources/corpus"
+    folder.mkdir()
+    expected = build_corpus(folder, server.folder, server.base)
+    yaml = YAML()
+    params = yaml.load((repo / "params.yaml").read_text())
+    corpus = {"kind": "local", "folder": "data/sources/corpus"}
+    params["collect"]["sources"] = [
+        {**corpus, "annotations": "triplets.jsonl", "format": "triplets"}, {**corpus, "annotations": "llava.json"},
+        {**corpus, "annotations": "sharegpt.jsonl"}, {**corpus, "annotations": "manifest_v1.jsonl"},
+        {**corpus, "annotations": "openai.jsonl"}, {"kind": "urls", "folder": "data/sources/corpus",
+                                                    "file": "urls.txt"}]
+    params["collect"]["download"].update(timeout=1, retries=2, backoff=0.05)
+    params["extract"].update(max_bad_fraction=0.5, audio=True)
+    with open(repo / "params.yaml", "w") as f:
+        yaml.dump(params, f)
+
+    output = dvc(repo, "repro", "manifest")
+    assert ran(output) == {"collect", "extract", "manifest"}
+
+    # collect: every bad row and URL recorded with file, line and field; ids that never reached samples
+    collected = {s["id"]: s for s in read_jsonl(repo / "data/raw/samples.jsonl")}
+    rejects = read_jsonl(repo / "data/raw/rejects.jsonl")
+    reasons = {r["source"].rsplit("/", 1)[-1]: (r["field"], r["reason"]) for r in rejects}
+    assert reasons["triplets.jsonl:10"][0] == "video" and "escapes the source folder" in reasons["triplets.jsonl:10"][1]
+    assert "refused URL scheme file" in reasons["triplets.jsonl:11"][1]
+    assert reasons["triplets.jsonl:12"][0] == "question"
+    assert "invalid JSON" in reasons["triplets.jsonl:13"][1] or "JSON" in reasons["triplets.jsonl:13"][1]
+    assert "sharegpt.jsonl:2" in reasons and reasons["sharegpt.jsonl:2"][0] == "conversations"
+    assert "refused URL scheme ftp" in reasons["urls.txt:3"][1]
+    by_id = {r["id"]: r["reason"] for r in rejects if r["id"]}
+    assert "no such file" in by_id["t-missing"] and "HTTP 404" in by_id["t-404"]
+    slow = [r for r in rejects if r["id"] and r["id"].startswith("url-") and "timed out" in r["reason"]]
+    assert len(slow) == 1
+    assert server.counts["/busy/remote2.mp4"] == 3          # two 429s, then the file
+    for name in collected["s-three"]["videos"] + collected["m-frames"]["videos"]:
+        assert (repo / "data/raw" / name).is_file()
+
+    # extract: hostile videos quarantined with their reason, good ones decoded
+    report = json.loads((repo / "data/frames/report.json").read_text())["videos"]
+    for sample_id in expected["quarantined"]:
+        (video,) = collected[sample_id]["videos"]
+        assert report[video]["status"] == "quarantined" and report[video]["reason"]
+    assert "no video stream" in report[collected["t-audio"]["videos"][0]]["reason"]
+    assert report[collected["t-rotated"]["videos"][0]]["rotation"] == 90
+    assert report[collected["m-frames"]["videos"][0]]["codec"] == "images"
+
+    # manifest: every good sample survives, every other one is counted by kind
+    rows = {r["id"]: r for split in ("train", "val", "test") for r in read_jsonl(repo / f"data/manifest/{split}.jsonl")}
+    assert set(expected["survive"]) <= set(rows)
+    assert len(rows["s-three"]["videos"]) == 3 and rows["s-three"]["messages"][0]["content"].count("<video>") == 3
+    assert "transcript: hello there" in rows["m-frames"]["source"]
+    stats = json.loads((repo / "data/manifest/stats.json").read_text())
+    by_kind = stats["rejected_by_reason"]
+    assert sum(n for kind, n in by_kind.items() if kind.startswith("video quarantined: ")) == 4
+    assert by_kind["video quarantined: no video stream"] == 1 and by_kind["video quarantined: cannot open"] == 3
+    assert stats["rejected"] == stats["samples"] - len(rows)
+    assert sum(stats["rejected_by_reason"].values()) == stats["rejected"]
+    assert "url-" in " ".join(r["id"] or "" for r in read_jsonl(repo / "data/manifest/rejects.jsonl"))  # no caption
+
+    # a changed annotation file reruns collect; nothing changed reruns nothing
+    assert ran(dvc(repo, "repro", "manifest")) == set()
+    with open(folder / "triplets.jsonl", "a") as f:
+        f.write(json.dumps({"id": "t-new", "video": "h264.mp4", "question": "Again?", "caption": "again"}) + "\n")
+    assert "collect" in ran(dvc(repo, "repro", "manifest"))
+    assert "t-new" in {s["id"] for s in read_jsonl(repo / "data/raw/samples.jsonl")}
+    assert server.counts["/remote1.mp4"] == 1    # downloaded once: the rerun took it from .downloads/
