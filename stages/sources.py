@@ -91,8 +91,9 @@ def download_all(urls: dict[str, str | None], videos: Path, download: dict) -> d
         return dict(zip(urls, pool.map(one, urls)))
 
 
-def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict) -> dict:
-    """The sample with its references replaced by stored paths; SourceError names the first one that failed."""
+def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict, copied: dict) -> dict:
+    """The sample with its references replaced by stored paths; SourceError names the first one that failed.
+    `copied` maps the local files stored so far to their stored paths: a video with ten questions is hashed once."""
     stored = []
     for reference in sample["videos"]:
         if is_url(reference):
@@ -101,7 +102,8 @@ def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict) -> dic
                 raise SourceError(f"{reference}: {result}")
             stored.append(result)
         else:
-            stored.append(store_file(resolve(reference, folder), videos))
+            path = resolve(reference, folder)
+            stored.append(copied.get(path) or copied.setdefault(path, store_file(path, videos)))
     if sample.get("frames_dir"):
         stored.append(store_frames(resolve(sample["frames_dir"], folder, directory=True), videos))
     kept = {key: value for key, value in sample.items() if key not in ("frames_dir", "audio")}
@@ -128,10 +130,10 @@ def import_source(source: dict, download: dict, videos: Path) -> tuple[list[dict
             if is_url(reference):
                 wanted.setdefault(reference, sample.get("meta", {}).get("sha256"))
     fetched = download_all(wanted, videos, download) if wanted else {}
-    kept = []
+    kept, copied = [], {}
     for sample in samples:
         try:
-            kept.append(store_sample(sample, folder, videos, fetched))
+            kept.append(store_sample(sample, folder, videos, fetched, copied))
         except SourceError as error:
             rejects.append({"id": sample["id"], "source": str(annotations), "field": "videos", "reason": str(error)})
     return kept, rejects
