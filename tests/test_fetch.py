@@ -122,6 +122,13 @@ def partial_of(folder: Path, url: str) -> Path:
     return folder / ".partial" / (hashlib.sha256(url.encode()).hexdigest() + ".part")
 
 
+def leave_partial(folder: Path, url: str, data: bytes) -> None:
+    """The partial file an earlier, interrupted run would have left for `url`."""
+    partial = partial_of(folder, url)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)
+
+
 def test_ok_is_stored_content_addressed(server, tmp_path):
     path = download(server.base + "/ok.mp4", tmp_path, **FAST)
     assert path == tmp_path / (hashlib.sha256(BODY).hexdigest() + ".mp4")
@@ -219,36 +226,28 @@ def test_dropped_connection_reported_when_out_of_retries(server, tmp_path):
 
 def test_partial_from_earlier_run_is_resumed(server, tmp_path):
     url = server.base + "/range.mp4"
-    partial = partial_of(tmp_path, url)
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(BODY[:12345])
+    leave_partial(tmp_path, url, BODY[:12345])
     assert download(url, tmp_path, **FAST).read_bytes() == BODY
     assert server.log == [("/range.mp4", "bytes=12345-")]
 
 
 def test_server_ignoring_range_starts_over(server, tmp_path):
     url = server.base + "/norange.mp4"
-    partial = partial_of(tmp_path, url)
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(BODY[:12345])
+    leave_partial(tmp_path, url, BODY[:12345])
     assert download(url, tmp_path, **FAST).read_bytes() == BODY
     assert server.log == [("/norange.mp4", "bytes=12345-")]
 
 
 def test_unsatisfiable_range_restarts_from_zero(server, tmp_path):
     url = server.base + "/range.mp4"
-    partial = partial_of(tmp_path, url)
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(BODY + b"stale tail")  # longer than the resource: it changed since
+    leave_partial(tmp_path, url, BODY + b"stale tail")  # longer than the resource: it changed since
     assert download(url, tmp_path, **FAST).read_bytes() == BODY
     assert server.log == [("/range.mp4", f"bytes={len(BODY) + 10}-"), ("/range.mp4", None)]
 
 
 def test_range_answered_with_another_range_starts_over(server, tmp_path):
     url = server.base + "/badrange.mp4"
-    partial = partial_of(tmp_path, url)
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(BODY[:12345])
+    leave_partial(tmp_path, url, BODY[:12345])
     assert download(url, tmp_path, **FAST).read_bytes() == BODY  # not BODY[:12345] + BODY
     assert server.log == [("/badrange.mp4", "bytes=12345-"), ("/badrange.mp4", None)]
 
