@@ -81,6 +81,7 @@ def main() -> None:
     if distributed.is_main_process():
         remove_checkpoints("train_seq2seq")
         print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
+    distributed.finish()
 
 
 if __name__ == "__main__":

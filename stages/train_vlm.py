@@ -84,6 +84,7 @@ def main() -> None:
         remove_checkpoints("train_vlm")
         print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "
               f"{len(rejects)} samples over the token budget -> {OUT}/")
+    distributed.finish()
 
 
 if __name__ == "__main__":
