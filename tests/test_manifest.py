@@ -42,7 +42,7 @@ def test_bad_samples_are_rejected_with_their_reason_and_the_rest_survive(workspa
     extract.main()
     samples = read_jsonl(workspace / "data/raw/samples.jsonl")
     good = samples[1]
-    samples += [{**good, "id": "bad id with spaces"},
+    samples += [{**good, "id": "bad id\twith a tab"}, {**good, "id": "clips/7.mp4 #question 2"},
                 {**good, "id": "duplicate"}, {**good, "id": "duplicate"},
                 {**good, "id": "two-placeholders", "question": "<video> compare with <video>"},
                 {key: value for key, value in good.items() if key != "caption"} | {"id": "no-caption"},
@@ -51,7 +51,8 @@ def test_bad_samples_are_rejected_with_their_reason_and_the_rest_survive(workspa
     manifest.main()
     rejects = {r["id"]: r for r in read_jsonl(workspace / "data/manifest/rejects.jsonl")}
     assert rejects["broken-0"]["reason"].startswith("video quarantined: cannot open")
-    assert rejects["bad id with spaces"]["reason"].startswith("schema: field id:")
+    assert rejects["bad id\twith a tab"]["reason"].startswith("schema: field id:")
+    assert "clips/7.mp4 #question 2" not in rejects     # ids as sources spell them, slashes and spaces too
     assert rejects["duplicate"]["reason"] == "duplicate id 'duplicate'"
     assert rejects["two-placeholders"]["reason"] == "3 <video> placeholders for 1 videos"
     assert rejects["no-caption"]["reason"] == "missing field 'caption'"
