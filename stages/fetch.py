@@ -5,6 +5,8 @@ Why it works the way it does:
   stored once, a changed video never overwrites an old one silently, and DVC sees identical outputs across runs.
 - Resume: bytes go to folder/.partial/<sha256 of the URL>.part first. A dropped connection (in this process or an
   earlier, killed one) leaves that file behind, and the next attempt asks only for the rest with a Range header.
+  If-Range carries the first response's ETag (or Last-Modified) beside it, so a file changed on the server since
+  comes back whole instead of its tail being spliced onto the old bytes.
   Only a complete, checked download is moved (atomically) to its final name, so no half video is ever mistaken for one.
 - No silent drops: every way a URL can fail ends in FetchError with a reason a person can act on (HTTP status,
   timeout, size cap, checksum, refused scheme) and the number of attempts, which collect records in its quarantine
@@ -89,7 +91,7 @@ def _with_retries(session: requests.Session, url: str, partial: Path, *, max_byt
         except _Transient as error:
             last = error
         except FetchError:
-            partial.unlink(missing_ok=True)  # permanent failure: nothing worth resuming
+            _discard(partial)  # permanent failure: nothing worth resuming
             raise
         if attempt + 1 < attempts:
             time.sleep(_delay(last, attempt, backoff))
@@ -106,15 +108,19 @@ def _attempt(session: requests.Session, url: str, partial: Path, max_bytes: int,
     """One request: resume the partial file if there is one, and stream the body into it."""
     try:
         offset = partial.stat().st_size if partial.exists() else 0
-        response = _get(session, url, offset, timeout)
+        validator = _validator(partial)
+        known = validator.read_text() if offset and validator.exists() else None   # none: an older run's partial
+        response = _get(session, url, offset, timeout, known)
         if response.status_code == 416 and offset:
             # Our partial is longer than the resource (it changed, or the partial is stale): start over, once.
             response.close()
-            partial.unlink()
+            _discard(partial)
             offset, response = 0, _get(session, url, 0, timeout)
         with response:
             _check_status(response)
             offset = _resume_offset(response, partial, offset)
+            if offset == 0:
+                _remember_validator(response, partial)
             _stream(response, partial, offset, max_bytes)
     except (requests.exceptions.SSLError, urllib3.exceptions.SSLError) as error:
         raise FetchError(f"TLS error ({_root(error)})") from error  # a bad certificate does not fix itself on retry
@@ -128,9 +134,32 @@ def _attempt(session: requests.Session, url: str, partial: Path, max_bytes: int,
         raise FetchError(f"request failed: {error}") from error
 
 
-def _get(session: requests.Session, url: str, offset: int, timeout: float) -> requests.Response:
+def _get(session: requests.Session, url: str, offset: int, timeout: float, if_range: str | None = None):
     headers = dict(HEADERS, Range=f"bytes={offset}-") if offset else HEADERS
+    if if_range:
+        headers["If-Range"] = if_range  # changed since: the server answers 200 with the whole new file
     return session.get(url, headers=headers, stream=True, timeout=timeout)
+
+
+def _validator(partial: Path) -> Path:
+    """Where the version of the partial file's bytes is kept: the ETag or Last-Modified they were sent with."""
+    return partial.with_suffix(".validator")
+
+
+def _remember_validator(response: requests.Response, partial: Path) -> None:
+    """Keep a strong ETag, else Last-Modified (a weak ETag is not allowed in If-Range); none: resume unguarded."""
+    etag = response.headers.get("ETag", "")
+    value = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+    if value:
+        _validator(partial).write_text(value)
+    else:
+        _validator(partial).unlink(missing_ok=True)
+
+
+def _discard(partial: Path) -> None:
+    """Forget a partial download: its bytes and their validator."""
+    partial.unlink(missing_ok=True)
+    _validator(partial).unlink(missing_ok=True)
 
 
 def _check_status(response: requests.Response) -> None:
@@ -159,10 +188,10 @@ def _resume_offset(response: requests.Response, partial: Path, offset: int) -> i
         # Appending is only right for exactly "the rest from offset"; anything else would splice a wrong file.
         if match and int(match[1]) == offset and match[3] in ("*", str(int(match[2]) + 1)):
             return offset
-        partial.unlink(missing_ok=True)  # start over on the next attempt
+        _discard(partial)  # start over on the next attempt
         raise _Transient(f"server answered Range bytes={offset}- with Content-Range {content_range or '(none)'!r}")
     if offset:
-        partial.unlink()  # 200 to a Range request: the server ignores Range and sends everything
+        _discard(partial)  # 200 to a Range request: the file changed, or the server ignores Range
     return 0
 
 
@@ -183,7 +212,7 @@ def _stream(response: requests.Response, partial: Path, offset: int, max_bytes: 
                 f.write(chunk)
     except BaseException:
         if _encoded(response):
-            partial.unlink(missing_ok=True)  # decoded offsets are not the Range offsets of the encoded body
+            _discard(partial)  # decoded offsets are not the Range offsets of the encoded body
         raise
     if expected is not None and size != expected and not _encoded(response):  # urllib3 normally raises first
         raise _Transient(f"connection dropped mid-body ({size} of {expected} bytes)")
@@ -198,9 +227,10 @@ def _store(partial: Path, folder: Path, ext: str, sha256: str | None) -> Path:
     """Check the digest and move the partial file to its content-addressed name."""
     digest = sha256_file(partial)
     if sha256 is not None and digest != sha256.lower():
-        partial.unlink()
+        _discard(partial)
         raise FetchError(f"sha256 mismatch: expected {sha256.lower()}, got {digest}")
     target = folder / (digest + ext)
+    _validator(partial).unlink(missing_ok=True)
     if target.exists():
         partial.unlink()  # same name means same bytes: already stored
     else:

@@ -26,6 +26,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         with self.server.lock:
             self.server.log.append((path, self.headers.get("Range")))
+            if "If-Range" in self.headers:
+                self.server.if_range.append(self.headers["If-Range"])
             count = self.server.counts[path] = self.server.counts.get(path, 0) + 1
         route = ROUTES.get(path.rsplit(".", 1)[0])
         if route is None:
@@ -47,25 +49,38 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def send_range(self, count: int):
-        """Honour `Range: bytes=n-` like a real file server does."""
-        wanted = self.headers.get("Range")
-        if not wanted:
-            return self.send_body(BODY)
+    def send_range(self, count: int, body: bytes = BODY, headers: dict | None = None):
+        """Honour `Range: bytes=n-` like a real file server does, and If-Range: another version gets the whole file."""
+        headers = headers or {}
+        wanted, version = self.headers.get("Range"), headers.get("ETag") or headers.get("Last-Modified")
+        if not wanted or self.headers.get("If-Range", version) != version:
+            return self.send_body(body, headers=headers)
         start = int(wanted.removeprefix("bytes=").rstrip("-"))
-        if start >= len(BODY):
-            return self.send_body(b"", 416, {"Content-Range": f"bytes */{len(BODY)}"})
-        self.send_body(BODY[start:], 206, {"Content-Range": f"bytes {start}-{len(BODY) - 1}/{len(BODY)}"})
+        if start >= len(body):
+            return self.send_body(b"", 416, {"Content-Range": f"bytes */{len(body)}"})
+        self.send_body(body[start:], 206, {**headers, "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
 
-    def drop(self, count: int):
-        if count > 1:
-            return self.send_range(count)
+    def send_half(self, body: bytes, headers: dict):
         self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(BODY[: len(BODY) // 2])
+        self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
         self.connection.shutdown(socket.SHUT_RDWR)  # mid-body: the client has half the promised bytes
+
+    def drop(self, count: int):
+        return self.send_half(BODY, {}) if count == 1 else self.send_range(count)
+
+    def versioned(self, count: int):
+        """A file with an ETag (/...-etag) or a Last-Modified date whose first answer drops mid-body. A /changing-...
+        file is replaced by another version (BODY reversed) right after that; a /steady-... one stays as it was."""
+        name = self.path.split("?")[0].rsplit(".", 1)[0]
+        version = 2 if count > 1 and name.startswith("/changing") else 1
+        headers = ({"ETag": f'"v{version}"'} if name.endswith("etag")
+                   else {"Last-Modified": f"Mon, 0{version} Nov 2026 00:00:00 GMT"})
+        body = BODY[::-1] if version == 2 else BODY
+        return self.send_half(body, headers) if count == 1 else self.send_range(count, body, headers)
 
     def stall(self, count: int):
         self.send_response(200)
@@ -95,6 +110,9 @@ ROUTES = {
     "/forbidden": lambda h, n: h.send_body(b"no", 403),
     "/slow": lambda h, n: (time.sleep(SLEEP), h.send_body(BODY)),
     "/drop": Handler.drop,
+    "/changing-etag": Handler.versioned,
+    "/changing-date": Handler.versioned,
+    "/steady-etag": Handler.versioned,
     "/stall": Handler.stall,
     "/huge": lambda h, n: h.send_body(b"", headers={"Content-Length": str(CAP + 1)}, length=False),
     "/liar": Handler.liar,
@@ -105,7 +123,7 @@ FAST = {"max_bytes": CAP, "timeout": 0.3, "retries": 3, "backoff": 0.01}
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: the OS picks a free one
-    httpd.lock, httpd.log, httpd.counts = threading.Lock(), [], {}
+    httpd.lock, httpd.log, httpd.counts, httpd.if_range = threading.Lock(), [], {}, []
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -215,6 +233,24 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     assert path.read_bytes() == BODY
     assert server.log == [("/drop.mp4", None), ("/drop.mp4", f"bytes={len(BODY) // 2}-")]
     assert partial_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("validator, sent", [("etag", '"v1"'), ("date", "Mon, 01 Nov 2026 00:00:00 GMT")])
+def test_a_file_changed_since_the_partial_comes_back_whole(server, tmp_path, validator, sent):
+    url = f"{server.base}/changing-{validator}.mp4"
+    with pytest.raises(FetchError, match="connection dropped mid-body"):
+        download(url, tmp_path, **dict(FAST, retries=0))        # version 1: half of it kept
+    assert download(url, tmp_path, **FAST).read_bytes() == BODY[::-1]   # version 2 whole, not its tail on version 1
+    assert [range_ for _, range_ in server.log] == [None, f"bytes={len(BODY) // 2}-"]
+    assert server.if_range == [sent]
+    assert list((tmp_path / ".partial").iterdir()) == []      # neither bytes nor validator left behind
+
+
+def test_an_unchanged_file_resumes_under_if_range(server, tmp_path):
+    path = download(server.base + "/steady-etag.mp4", tmp_path, **FAST)
+    assert path.read_bytes() == BODY
+    assert [range_ for _, range_ in server.log] == [None, f"bytes={len(BODY) // 2}-"] and server.if_range == ['"v1"']
+    assert list((tmp_path / ".partial").iterdir()) == []
 
 
 def test_dropped_connection_reported_when_out_of_retries(server, tmp_path):
