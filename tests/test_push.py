@@ -80,7 +80,8 @@ def test_exported_models_load_and_generate_as_from_the_hub(exported, trained):
     model = LlavaForConditionalGeneration.from_pretrained(exported / "vlm")
     row = read_jsonl(trained / "data/manifest/test.jsonl")[0]
     frames = list(vlm.load_frames(row, trained / "data/frames")[0])
-    messages = [{"role": "user", "content": [{"type": "image"}] * len(frames) + [{"type": "text", "text": "Describe."}]}]
+    content = [{"type": "image"}] * len(frames) + [{"type": "text", "text": "Describe."}]
+    messages = [{"role": "user", "content": content}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=frames, return_tensors="pt")
     assert model.generate(**inputs, max_new_tokens=4).shape[1] > inputs["input_ids"].shape[1]
