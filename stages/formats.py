@@ -190,14 +190,15 @@ def _llava(row: dict) -> dict:
 def _sharegpt(row: dict) -> dict:
     key = "videos" if "videos" in row and "video" not in row else "video"  # LLaMA-Factory spells it "videos"
     videos = _videos(_required(row, key, (str, list)), key)
-    turns = []
+    system = _optional(row, "system", str)   # LLaMA-Factory's system column
+    turns = [("system", _text(system, "system"), "system")] if system else []
     for index, turn in enumerate(_required(row, "conversations", list)):
         at = f"conversations/{index}"
         role = _role(_required(_typed(turn, dict, at), "from", str, at + "/"), _SHAREGPT_ROLES, at + "/from")
         value = _text(_required(turn, "value", str, at + "/"), at + "/value")
         turns.append((role, _PLACEHOLDER.sub(PLACEHOLDER, value), at + "/value"))
     return {"videos": videos, "turns": turns, "conversation": "conversations",
-            "meta": _meta(row, {"video", "videos", "conversations"})}
+            "meta": _meta(row, {"video", "videos", "system", "conversations"})}
 
 
 def _manifest_v1(row: dict) -> dict:
@@ -279,19 +280,19 @@ def _row_id(row: dict, default: str) -> str:
 
 
 def _finish(row: dict, body: dict, default_id: str) -> dict:
-    """What every format shares: turn checks, system turns into meta, question and caption, id and split."""
+    """What every format shares: turn checks, one leading system turn, question and caption, id and split."""
     turns, videos = body.pop("turns"), body.pop("videos")
     _check_turns(turns, len(videos) + ("frames_dir" in body), body.pop("conversation"))
-    meta = body.pop("meta")
-    system = [content for role, content, _ in turns if role == "system"]
-    if system:
-        meta["system"] = "\n\n".join(system)
-    messages = [{"role": role, "content": content} for role, content, _ in turns if role != "system"]
+    # the system prompt is trained with, as the model will be prompted; its turns join into one that comes first,
+    # where every chat template expects it
+    system = "\n\n".join(content for role, content, _ in turns if role == "system")
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": role, "content": content} for role, content, _ in turns if role != "system"]
     user = next(m["content"] for m in messages if m["role"] == "user")
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     sample = {"id": _row_id(row, default_id), "videos": videos, "messages": messages,
               "question": _PLACEHOLDER.sub("", user).strip(), "caption": answers[-1].strip() if answers else None,
-              "meta": meta}
+              "meta": body.pop("meta")}
     split = _optional(row, "split", str)
     if split is not None:
         if split not in SPLITS:

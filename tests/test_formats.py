@@ -94,12 +94,13 @@ def test_llava_multi_turn_with_a_run_of_frames_or_a_video_part(tmp_path):
     funny, dog = samples
     assert funny["videos"] == ["https://huggingface.co/datasets/acme/clips/resolve/main/cat.mp4"]
     assert funny["messages"] == [
+        {"role": "system", "content": "You describe videos."},
         {"role": "user", "content": f"Why is this video funny?\n{VIDEO}\n"},
         {"role": "assistant", "content": "A cat misses its jump."},
         {"role": "user", "content": "What color is the cat?"},
         {"role": "assistant", "content": "Orange."}]
     assert funny["question"] == "Why is this video funny?" and funny["caption"] == "Orange."
-    assert funny["meta"] == {"num_frames": 8, "system": "You describe videos."}
+    assert funny["meta"] == {"num_frames": 8}
     assert dog["messages"][0]["content"] == f"{VIDEO}\nDescribe the clip." and dog["split"] == "val"
 
 
@@ -122,13 +123,14 @@ def test_sharegpt_with_32_videos_in_one_sample(tmp_path):
     assert errors == []
     long, inline, short = samples
     assert long["videos"] == videos
-    assert long["messages"][0]["content"] == f"{VIDEO}\n" * 32 + "Summarize the episode."
-    assert long["messages"][0]["content"].count(VIDEO) == 32
-    assert [m["role"] for m in long["messages"]] == ["user", "assistant"] * 2
+    assert long["messages"][0] == {"role": "system", "content": "Answer briefly."}
+    assert long["messages"][1]["content"] == f"{VIDEO}\n" * 32 + "Summarize the episode."
+    assert long["messages"][1]["content"].count(VIDEO) == 32
+    assert [m["role"] for m in long["messages"]] == ["system"] + ["user", "assistant"] * 2
     assert long["question"] == "Summarize the episode." and long["caption"] == "Nobody."
-    assert long["meta"] == {"system": "Answer briefly."}
-    assert inline["messages"][0] == {"role": "user", "content": f"Is {VIDEO}\nlonger than {VIDEO}\n?"}
-    assert inline["meta"] == {"system": "You compare videos."}
+    assert inline["messages"][:2] == [{"role": "system", "content": "You compare videos."},
+                                      {"role": "user", "content": f"Is {VIDEO}\nlonger than {VIDEO}\n?"}]
+    assert long["meta"] == inline["meta"] == {}
     assert short["videos"] == ["one.mp4"] and short["question"] == "What?"
 
 
@@ -176,8 +178,9 @@ def test_openai_parts_become_placeholders_where_they_stand(tmp_path):
                            4: ("messages", "no user turn")})
     (chat,) = samples
     assert chat["videos"] == ["https://cdn.example.com/a.mp4", "clips/b.mp4"]
-    assert chat["messages"][0] == {"role": "user", "content": f"Compare these clips:\n{VIDEO}\nand\n{VIDEO}\n"}
-    assert len(chat["messages"]) == 4 and chat["meta"] == {"system": "You are a video assistant."}
+    assert chat["messages"][:2] == [{"role": "system", "content": "You are a video assistant."},
+                                    {"role": "user", "content": f"Compare these clips:\n{VIDEO}\nand\n{VIDEO}\n"}]
+    assert len(chat["messages"]) == 5 and chat["meta"] == {}
     assert chat["question"] == "Compare these clips:\nand" and chat["caption"] == "The second."
 
 

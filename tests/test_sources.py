@@ -232,6 +232,7 @@ def test_every_source_kind_and_format_through_dvc_repro(tmp_path_factory, server
     assert set(expected["survive"]) <= set(rows)
     assert len(rows["s-three"]["videos"]) == 3 and rows["s-three"]["messages"][0]["content"].count("<video>") == 3
     assert "transcript: hello there" in rows["m-frames"]["source"]
+    assert rows["o-url"]["messages"][0] == {"role": "system", "content": "You describe videos."}   # trained with
     stats = json.loads((repo / "data/manifest/stats.json").read_text())
     by_kind = stats["rejected_by_reason"]
     assert sum(n for kind, n in by_kind.items() if kind.startswith("video quarantined: ")) == 4
