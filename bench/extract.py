@@ -1,4 +1,4 @@
-"""Benchmark: our frame sampler (stages.video, PyAV with a packet index and seeking) against the ffmpeg CLI.
+"""Benchmark: our frame sampler (stages.data.video, PyAV with a packet index and seeking) against the ffmpeg CLI.
 
 The baseline is what users script today: one ffmpeg process per video (the binary imageio-ffmpeg ships), a `select`
 filter for the same frame numbers, scaled to the same size, raw RGB on stdout. Both run one video at a time and let
@@ -23,7 +23,7 @@ import imageio_ffmpeg
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.video import open_video, pick_frames, probe, sample  # noqa: E402
+from stages.data.video import open_video, pick_frames, probe, sample  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 REPO = Path(__file__).resolve().parents[1]

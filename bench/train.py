@@ -1,5 +1,5 @@
-"""Our VLM trainer (transformers Trainer + stages.training: TrainingArguments from params, DataLoader workers, dvclive
-curves, the step timer) against a plain PyTorch loop on the same model, the same batches and the same optimizer
+"""Our VLM trainer (transformers Trainer + stages.training.trainer: TrainingArguments from params, DataLoader workers,
+dvclive curves, the step timer) against a plain PyTorch loop on the same model, the same batches and the same optimizer
 (AdamW, linear schedule, gradient clipping at 1.0), both reading frame shards through DataLoader workers that encode
 the samples with the real processor. Each setup runs `--repeats` times, alternating; medians are reported.
 
@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)
 
-from stages import vlm
-from stages.files import read_jsonl
-from stages.params import load, seed_everything
-from stages.training import StepTimer, training_arguments
-from stages.vlm import finetune
+from stages.common.files import read_jsonl  # noqa: E402 (after the path set-up above)
+from stages.common.params import load, seed_everything  # noqa: E402
+from stages.models import vlm  # noqa: E402
+from stages.training import finetune  # noqa: E402
+from stages.training.trainer import StepTimer, training_arguments  # noqa: E402
 
 
 def setup(p: dict, base: str):

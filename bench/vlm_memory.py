@@ -1,13 +1,13 @@
 """Peak memory and step time of one training setup on a SmolVLM2-500M-shaped model: full fine-tuning in float32
 (the baseline: what a plain fine-tuning script does) against LoRA + gradient checkpointing + bf16 (the preset).
 
-The model is SmolVLM2-500M-Video-Instruct's architecture at its real sizes (SmolLM2-360M text model, SigLIP-B/16
-vision tower at 512 px, pixel-shuffle 4), random init: no weights can be downloaded here, and memory and time do not
-depend on the weights' values. One sample: a 24-frame video, batch 1, encoded by the real SmolVLM processor through
-stages.vlm.encode. Each setup runs in its own process, so each peak is its own: `torch.cuda.max_memory_allocated` on
-a GPU, peak resident memory (ru_maxrss, Python and libraries included) on CPU, where frames are smaller (--frame-size)
-to keep the run short. A CPU without bf16 instructions (no AVX512-BF16/AMX) emulates bf16 matmuls, so there the bf16
-step time says nothing about a GPU's; the middle setup (fp32) separates what LoRA and checkpointing save.
+The model is SmolVLM2-500M-Video-Instruct's architecture at its real sizes (SmolLM2-360M text model, SigLIP-B/16 vision
+tower at 512 px, pixel-shuffle 4), random init: no weights can be downloaded here, and memory and time do not depend on
+the weights' values. One sample: a 24-frame video, batch 1, encoded by the real SmolVLM processor through
+stages.models.vlm.encode. Each setup runs in its own process, so each peak is its own: `torch.cuda.max_memory_allocated`
+on a GPU, peak resident memory (ru_maxrss, Python and libraries included) on CPU, where frames are smaller
+(--frame-size) to keep the run short. A CPU without bf16 instructions (no AVX512-BF16/AMX) emulates bf16 matmuls, so
+there the bf16 step time says nothing about a GPU's; the middle setup (fp32) separates what LoRA and checkpointing save.
 
     python bench/vlm_memory.py                 # GPU: 512 px frames; CPU: 128 px
     python bench/vlm_memory.py --frame-size 256 --steps 3
@@ -31,8 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import vlm  # noqa: E402
-from stages.vlm import finetune  # noqa: E402
+from stages.models import vlm  # noqa: E402
+from stages.training import finetune  # noqa: E402
 
 SETUPS = {   # the first is the baseline, the last the preset that the ratios are for
     "full fp32 (baseline)": {"finetune": "full", "gradient_checkpointing": False, "bf16": False},

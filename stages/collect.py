@@ -1,8 +1,8 @@
 """collect: gather the samples of every entry of `collect.sources` into data/raw.
 
 - `synthetic` (the embedded default) generates the moving-shapes video set.
-- `local` reads a folder of videos and an annotation file in one of the formats of stages/formats.py.
-- `urls` downloads a list of videos (stages/fetch.py); they get captions later, from `extract.caption_model`.
+- `local` reads a folder of videos and an annotation file in one of the formats of stages/data/formats.py.
+- `urls` downloads a list of videos (stages/data/fetch.py); they get captions later, from `extract.caption_model`.
 
 Synthetic clips: every (color, shape, direction) combination is rendered `clips_per_combo` times with random size,
 start, speed and background, encoded by moviepy as real H.264 mp4, and stored content-addressed as
@@ -21,9 +21,9 @@ import numpy as np
 from moviepy import VideoClip
 from PIL import Image, ImageDraw
 
-from stages import sources
-from stages.files import atomic_dir, sha256_file, write_jsonl
-from stages.params import load
+from stages.common.files import atomic_dir, sha256_file, write_jsonl
+from stages.common.params import load
+from stages.data import sources
 
 OUT = Path("data/raw")
 RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (235, 220, 40),
@@ -43,7 +43,7 @@ def plan_clips(params: dict, seed: int) -> list[dict]:
     size = params["frame_size"]
     combos = itertools.product(params["colors"], params["shapes"], params["directions"])
     clips = []
-    for (color, shape, direction), copy in itertools.product(combos, range(params["clips_per_combo"])):
+    for (color, shape, direction), _ in itertools.product(combos, range(params["clips_per_combo"])):
         side = rng.randint(size // 3, 2 * size // 5)
         travel = rng.uniform(0.3, 0.5) * size           # pixels covered over the clip
         dx, dy = STEP[direction]

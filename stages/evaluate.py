@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer
 
-from stages import vlm
-from stages.files import atomic_files, read_jsonl, write_json, write_jsonl
-from stages.metrics import caption_scores
-from stages.params import load
-from stages.training import trained_path
+from stages.common.files import atomic_files, read_jsonl, write_json, write_jsonl
+from stages.common.params import load
+from stages.models import vlm
+from stages.results.metrics import caption_scores
+from stages.training.trainer import trained_path
 
 MANIFEST = Path("data/manifest")
 MODELS = Path("models")

@@ -15,9 +15,9 @@ from pathlib import Path
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from stages.files import atomic_dir, read_jsonl, sha256_file, write_json
-from stages.params import load
-from stages.video import VideoError, read_audio, sample, sample_images
+from stages.common.files import atomic_dir, read_jsonl, sha256_file, write_json
+from stages.common.params import load
+from stages.data.video import VideoError, read_audio, sample, sample_images
 
 RAW = Path("data/raw")
 OUT = Path("data/frames")
@@ -55,7 +55,7 @@ def extract_one(video: str, audio: str | None, duration: float | None, p: dict, 
 
 def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> None:
     """Transcripts of every video with audio, and captions for the samples that came without one."""
-    from stages import annotate   # transformers is only imported when a model is asked for
+    from stages.data import annotate  # transformers is only imported when a model is asked for
 
     ok = {video: entry for video, entry in report.items() if entry["status"] == "ok"}
     if p["transcribe_model"]:

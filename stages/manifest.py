@@ -11,9 +11,9 @@ from pathlib import Path
 
 import jsonschema
 
-from stages.files import atomic_dir, read_jsonl, write_json, write_jsonl
-from stages.formats import VIDEO  # one per video in the user turns; stages.vlm expands it per family
-from stages.params import load
+from stages.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
+from stages.common.params import load
+from stages.data.formats import VIDEO  # one per video in the user turns; stages.models.vlm expands it per family
 
 RAW = Path("data/raw")
 FRAMES = Path("data/frames")

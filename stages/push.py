@@ -15,10 +15,11 @@ from pathlib import Path
 import yaml
 from transformers import AutoModelForSeq2SeqLM
 
-from stages import hub, vlm
-from stages.files import atomic_dir, write_json
-from stages.params import load
-from stages.training import trained_path
+from stages.common.files import atomic_dir, write_json
+from stages.common.params import load
+from stages.models import vlm
+from stages.results import hub
+from stages.training.trainer import trained_path
 
 MODELS = Path("models")
 DATA = Path("data")

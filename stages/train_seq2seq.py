@@ -4,20 +4,34 @@ from the video's text metadata and the question; it never sees pixels.
 `train_seq2seq.model: tiny` builds an NLLB-architecture model and a tokenizer trained on our text, saves them, and
 loads them back by path; any other value is a local path or hub id and takes the same `from_pretrained` path.
 `train_seq2seq.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and
-`train_seq2seq.deepspeed` through DeepSpeed ZeRO (stages/distributed.py).
+`train_seq2seq.deepspeed` through DeepSpeed ZeRO (stages/training/distributed.py).
 Output: models/seq2seq/{model/, base/ (tiny only), training.json, deepspeed.json (with DeepSpeed)}; curves in
 dvclive/train_seq2seq/.
 """
 from pathlib import Path
 
-from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
-                          Seq2SeqTrainingArguments)
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
 
-from stages import distributed, tiny
-from stages.files import read_jsonl
-from stages.params import load, seed_everything
-from stages.training import (LiveCallback, StepTimer, checkpoint_folder, last_checkpoint, remove_checkpoints,
-                             save_model, training_arguments, write_record)
+from stages.common.files import read_jsonl
+from stages.common.params import load, seed_everything
+from stages.models import tiny
+from stages.training import distributed
+from stages.training.trainer import (
+    LiveCallback,
+    StepTimer,
+    checkpoint_folder,
+    last_checkpoint,
+    remove_checkpoints,
+    save_model,
+    training_arguments,
+    write_record,
+)
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/seq2seq")

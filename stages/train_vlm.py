@@ -1,25 +1,31 @@
 """train_vlm: a vision-language model that sees the decoded frames and answers in text.
 
-`train_vlm.family` picks the model family (stages/vlm/<family>.py); `train_vlm.model: tiny` builds that family's tiny
-model with a real processor and a tokenizer trained on our text, saves it, and loads it back by path; any other value
-is a local path or hub id and takes the same `from_pretrained` path. `train_vlm.finetune` trains every weight or LoRA
-adapters (stages/vlm/finetune.py). The loss is on the assistant answers only (stages.vlm.encode).
-`train_vlm.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and
-`train_vlm.deepspeed` through DeepSpeed ZeRO (stages/distributed.py); DataLoader workers encode the samples.
-Output: models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), rejects.jsonl (samples over
-max_length), training.json, deepspeed.json (with DeepSpeed)}; curves in dvclive/train_vlm/.
-"""
+`train_vlm.family` picks the model family (stages/models/vlm/<family>.py); `train_vlm.model: tiny` builds that family's
+tiny model with a real processor and a tokenizer trained on our text, saves it, and loads it back by path; any other
+value is a local path or hub id and takes the same `from_pretrained` path. `train_vlm.finetune` trains every weight or
+LoRA adapters (stages/training/finetune.py). The loss is on the assistant answers only (stages.models.vlm.encode).
+`train_vlm.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and `train_vlm.deepspeed`
+through DeepSpeed ZeRO (stages/training/distributed.py); DataLoader workers encode the samples. Output:
+models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), rejects.jsonl (samples over max_length),
+training.json, deepspeed.json (with DeepSpeed)}; curves in dvclive/train_vlm/."""
 import functools
 from pathlib import Path
 
 from transformers import AutoProcessor, Trainer
 
-from stages import distributed, vlm
-from stages.files import read_jsonl, write_jsonl
-from stages.params import load, seed_everything
-from stages.training import (LiveCallback, StepTimer, checkpoint_folder, last_checkpoint, remove_checkpoints,
-                             training_arguments, write_record)
-from stages.vlm import finetune
+from stages.common.files import read_jsonl, write_jsonl
+from stages.common.params import load, seed_everything
+from stages.models import vlm
+from stages.training import distributed, finetune
+from stages.training.trainer import (
+    LiveCallback,
+    StepTimer,
+    checkpoint_folder,
+    last_checkpoint,
+    remove_checkpoints,
+    training_arguments,
+    write_record,
+)
 
 MANIFEST = Path("data/manifest")
 OUT = Path("models/vlm")

@@ -4,13 +4,21 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import pre_tokenizers
-from transformers import (AutoTokenizer, GenerationConfig, LlavaForConditionalGeneration, WhisperConfig,
-                          WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor,
-                          WhisperTokenizer, pipeline)
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    LlavaForConditionalGeneration,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+    pipeline,
+)
 
-from stages import annotate
-from stages.annotate import captioner, transcriber
-from stages.vlm import llava
+from stages.data import annotate
+from stages.data.annotate import captioner, transcriber
+from stages.models.vlm import llava
 
 RATE = 16_000
 SPECIAL = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",

@@ -1,7 +1,7 @@
 import av
 
 from stages.collect import assign_splits, caption
-from stages.files import read_jsonl, sha256_file
+from stages.common.files import read_jsonl, sha256_file
 
 
 def test_videos_are_h264_mp4_and_content_addressed(small_data):

@@ -9,7 +9,9 @@ import sys
 import pytest
 from transformers import AutoModelForSeq2SeqLM
 
-from stages import distributed, train_seq2seq, train_vlm, vlm
+from stages import train_seq2seq, train_vlm
+from stages.models import vlm
+from stages.training import distributed
 from tests.conftest import REPO, SMALL, inside, write_params
 from tests.test_train_seq2seq import read_curve
 

@@ -1,6 +1,6 @@
 import json
 
-from stages.files import read_jsonl
+from stages.common.files import read_jsonl
 
 MODELS = ("seq2seq", "seq2seq_untrained", "vlm", "vlm_untrained")
 

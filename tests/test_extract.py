@@ -5,7 +5,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from stages import extract
-from stages.files import read_jsonl, sha256_file, write_jsonl
+from stages.common.files import read_jsonl, sha256_file, write_jsonl
 from tests.conftest import write_params
 
 
@@ -54,8 +54,8 @@ def test_audio_transcripts_and_auto_captions_reach_the_manifest(workspace, tmp_p
     transcribes it with a tiny Whisper and captions it with a tiny LLaVA (both loaded by path, as a hub id would be);
     manifest then trains on the auto-caption and gives the transcript to the seq2seq source."""
     from stages import manifest
+    from stages.models.vlm import llava
     from tests.test_annotate import LLAVA, build_whisper
-    from stages.vlm import llava
     from tests.test_video import ffmpeg
 
     talking = tmp_path / "talking.mp4"

@@ -1,4 +1,4 @@
-"""stages.fetch against a real threaded HTTP server on 127.0.0.1: statuses, retries, resume, size cap, checksums.
+"""stages.data.fetch against a real threaded HTTP server on 127.0.0.1: statuses, retries, resume, size cap, checksums.
 
 Each test gets its own server, so the per-path request counters (which drive "fail the first n requests") and the
 request log start empty; the log lets a test assert how many attempts the client really made, with which Range.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.fetch import FetchError, _delay, _Transient, check_url, download
+from stages.data.fetch import FetchError, _delay, _Transient, check_url, download
 
 BODY = bytes(range(256)) * 400  # 102,400 bytes, not all equal so a wrong offset shows
 CAP = 200_000

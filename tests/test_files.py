@@ -1,6 +1,6 @@
 import pytest
 
-from stages.files import atomic_dir, atomic_files, read_jsonl, sha256_file, write_jsonl
+from stages.common.files import atomic_dir, atomic_files, read_jsonl, sha256_file, write_jsonl
 
 
 def test_atomic_dir_replaces_the_output_only_on_success(tmp_path):

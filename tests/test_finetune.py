@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from stages import vlm
-from stages.files import read_jsonl
-from stages.vlm import finetune
+from stages.common.files import read_jsonl
+from stages.models import vlm
+from stages.training import finetune
 from tests.test_vlm import PARAMS, frames, row_with
 
 FINETUNE = {"finetune": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "auto"},

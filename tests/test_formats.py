@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from stages.formats import FORMATS, VIDEO, detect_format, read_annotations
+from stages.data.formats import FORMATS, VIDEO, detect_format, read_annotations
 
 
 def write_lines(path, rows):

@@ -1,10 +1,10 @@
-"""stages.hub against a Hub stand-in on 127.0.0.1, through the real huggingface_hub client."""
+"""stages.results.hub against a Hub stand-in on 127.0.0.1, through the real huggingface_hub client."""
 import socket
 from types import SimpleNamespace
 
 import pytest
 
-from stages import hub
+from stages.results import hub
 from tests.fake_hub import FakeHub
 
 TOKEN = "hf_test_token_for_the_fake_hub"

@@ -3,7 +3,7 @@ import json
 import jsonschema
 
 from stages import extract, manifest
-from stages.files import read_jsonl, write_jsonl
+from stages.common.files import read_jsonl, write_jsonl
 from tests.conftest import write_params
 from tests.test_extract import add_broken_video
 

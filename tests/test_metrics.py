@@ -2,10 +2,18 @@ import functools
 
 import pytest
 
-from stages import metrics
-
-from stages.metrics import (attribute_accuracy, bleu, caption_scores, cider_d, coco_tokens, exact_match, meteor,
-                            read_attributes, rouge_l)
+from stages.results import metrics
+from stages.results.metrics import (
+    attribute_accuracy,
+    bleu,
+    caption_scores,
+    cider_d,
+    coco_tokens,
+    exact_match,
+    meteor,
+    read_attributes,
+    rouge_l,
+)
 
 TRUTHS = [{"color": "red", "shape": "circle", "direction": "left"},
           {"color": "blue", "shape": "square", "direction": "up"}]

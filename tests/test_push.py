@@ -6,8 +6,9 @@ import torch
 import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from stages import push, vlm
-from stages.files import read_jsonl
+from stages import push
+from stages.common.files import read_jsonl
+from stages.models import vlm
 from tests.conftest import inside, write_params
 from tests.fake_hub import FakeHub
 

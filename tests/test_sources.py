@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from ruamel.yaml import YAML
 
-from stages import sources
-from stages.files import read_jsonl, sha256_file
+from stages.common.files import read_jsonl, sha256_file
+from stages.data import sources
 from tests.test_pipeline import copy_repository, dvc, ran
 from tests.test_video import ffmpeg, make_video
 

@@ -1,6 +1,6 @@
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from stages import tiny
+from stages.models import tiny
 
 TEXTS = ["a red circle moves left", "a blue square moves up", "Describe the video. | tags: red, circle, left"] * 5
 PARAMS = {"d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "vocab_size": 300}

@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, SmolVLMForConditionalGeneration
 
-from stages import train_vlm, vlm
-from stages.files import read_jsonl
+from stages import train_vlm
+from stages.common.files import read_jsonl
+from stages.models import vlm
 from tests.conftest import SMALL, write_params
 from tests.test_train_seq2seq import read_curve
 

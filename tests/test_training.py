@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer
 
 from stages import train_seq2seq
-from stages.training import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
+from stages.training.trainer import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
 from tests.conftest import REPO, SMALL, write_params
 
 P = {"learning_rate": 0.001, "max_steps": 10}

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from stages.collect import render
-from stages.video import (VideoError, frame_count, read_audio, sample, sample_images, smart_resize,
-                          uniform_indices)
+from stages.data.video import VideoError, frame_count, read_audio, sample, sample_images, smart_resize, uniform_indices
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SQUARE = {"num_frames": 4, "frame_size": 32}
@@ -212,10 +211,10 @@ def test_frames_from_an_image_archive(tmp_path):
 def test_a_wanted_frame_skipped_by_mistake_is_decoded_again(tmp_path, monkeypatch):
     """With a margin so small that the decoder skips non-reference frames right up to (and past) each wanted
     one, the wanted B-frames go missing on the first pass; the sampler must notice and decode them again."""
-    import stages.video
+    import stages.data.video
 
     path = make_video(tmp_path / "bframes.mp4", seconds=4, extra=("-g", "250", "-bf", "3"))
-    monkeypatch.setattr(stages.video, "SKIP_MARGIN", -10**6)
+    monkeypatch.setattr(stages.data.video, "SKIP_MARGIN", -10**6)
     sampled = sample(path, {"num_frames": 7, "frame_size": 24})
     reference = every_frame(path, 24, 24)
     for frame, index in zip(sampled.frames, sampled.indices):

@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from stages import vlm
-from stages.files import read_jsonl
+from stages.common.files import read_jsonl
+from stages.models import vlm
 
 PARAMS = {"vision_hidden": 32, "vision_layers": 1, "patch_size": 8, "text_hidden": 32, "text_layers": 1, "heads": 2,
           "vocab_size": 300}

@@ -85,7 +85,8 @@ def publish(api: HfApi, repo_id: str, files: dict[str, Path | bytes], *, repo_ty
         if CONTENT_TAG + content in f"{head.title}\n{head.message}":
             return head.commit_id, False     # already there: a rerun, or a retry after a commit whose reply was lost
         stale = set(api.list_repo_files(repo_id, repo_type=repo_type)) - set(files) - {".gitattributes"}
-        operations = ([CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
+        operations = ([CommitOperationAdd(path_in_repo=name,
+                                          path_or_fileobj=data if isinstance(data, bytes) else str(data))
                        for name, data in sorted(files.items())]
                       + [CommitOperationDelete(path_in_repo=name) for name in sorted(stale)])
         info = api.create_commit(repo_id, operations=operations, repo_type=repo_type, commit_message=title,

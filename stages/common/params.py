@@ -13,7 +13,7 @@ import jsonschema
 from ruamel.yaml import YAML  # YAML 1.2, as DVC itself reads params: `1e-3` is a float, not a string
 
 PARAMS_FILE = Path("params.yaml")
-SCHEMA_DIR = Path(__file__).parent / "schema" / "params"
+SCHEMA_DIR = Path(__file__).parents[1] / "schema" / "params"
 
 
 class ParamsError(SystemExit):
@@ -27,7 +27,8 @@ def load(stage: str, path: Path = PARAMS_FILE) -> dict:
     for block in ("base", stage):
         if block not in document:
             raise ParamsError(f"{path}: missing block `{block}`")
-        errors = sorted(jsonschema.Draft202012Validator(json.loads((SCHEMA_DIR / f"{block}.json").read_text())).iter_errors(document[block]),
+        schema = json.loads((SCHEMA_DIR / f"{block}.json").read_text())
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(document[block]),
                         key=lambda e: list(e.absolute_path))
         if errors:
             raise ParamsError(f"{path}: " + "; ".join(_describe(block, e) for e in errors))

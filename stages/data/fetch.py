@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 import urllib3
 
-from stages.files import sha256_file
+from stages.common.files import sha256_file
 
 EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".gif",
                         ".wav", ".mp3", ".m4a", ".flac", ".ogg", ".jpg", ".jpeg", ".png"})

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from stages.formats import VIDEO  # the placeholder of one video in a user turn
+from stages.data.formats import VIDEO  # the placeholder of one video in a user turn
 
 FAMILIES = ("llava", "smolvlm", "qwen2_vl", "qwen2_5_vl")
 IGNORE = -100          # label of every position the loss must not see
@@ -18,7 +18,7 @@ FRAMES = Path("data/frames")
 def family(name: str):
     if name not in FAMILIES:
         raise ValueError(f"unknown VLM family {name!r}; known: {', '.join(FAMILIES)}")
-    return importlib.import_module(f"stages.vlm.{name}")
+    return importlib.import_module(f"stages.models.vlm.{name}")
 
 
 def load_frames(row: dict, frames_dir: Path = FRAMES) -> list[np.ndarray]:

@@ -5,10 +5,16 @@ processor, a byte-level BPE tokenizer trained on our text, and a chat template.
 """
 from pathlib import Path
 
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
-from stages.tiny import save_tiny, train_tokenizer
+from stages.models.tiny import save_tiny, train_tokenizer
 
 IMAGE = "<image>"
 END_OF_TURN = "<|end|>"

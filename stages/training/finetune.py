@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
 
-from stages.distributed import is_main_process
-from stages.training import save_model, use_bf16
+from stages.training.distributed import is_main_process
+from stages.training.trainer import save_model, use_bf16
 
 
 def load(fam, base: str, p: dict):

@@ -7,11 +7,16 @@ released one.
 """
 from pathlib import Path
 
-from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                          Qwen2VLVideoProcessor)
+from transformers import (
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
 
-from stages import vlm
-from stages.tiny import save_tiny, train_tokenizer
+from stages.models import vlm
+from stages.models.tiny import save_tiny, train_tokenizer
 
 VIDEO_PAD, IMAGE_PAD = "<|video_pad|>", "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"

@@ -7,13 +7,22 @@ our text) and the released chat template ("User: ...<end_of_utterance>\\nAssista
 """
 from pathlib import Path
 
-from transformers import (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor, SmolVLMProcessor,
-                          SmolVLMVideoProcessor)
-from transformers.models.smolvlm.processing_smolvlm import (DEFAULT_CHAT_TEMPLATE, DEFAULT_MEDIA_OUTTRO,
-                                                            DEFAULT_VIDEO_INTRO, FRAME_TIMESTAMP_MESSAGE)
+from transformers import (
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessor,
+    SmolVLMProcessor,
+    SmolVLMVideoProcessor,
+)
+from transformers.models.smolvlm.processing_smolvlm import (
+    DEFAULT_CHAT_TEMPLATE,
+    DEFAULT_MEDIA_OUTTRO,
+    DEFAULT_VIDEO_INTRO,
+    FRAME_TIMESTAMP_MESSAGE,
+)
 
-from stages import vlm
-from stages.tiny import save_tiny, train_tokenizer
+from stages.models import vlm
+from stages.models.tiny import save_tiny, train_tokenizer
 
 IMAGE, VIDEO, END_OF_TURN = "<image>", "<video>", "<end_of_utterance>"
 FAKE_IMAGE, GLOBAL_IMAGE = "<fake_token_around_image>", "<global-img>"

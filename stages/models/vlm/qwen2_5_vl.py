@@ -2,9 +2,8 @@
 time positions), with its windowed-attention vision tower. Only the classes and the vision config differ."""
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-from stages.vlm import qwen2_vl
-from stages.vlm.qwen2_vl import (LANGUAGE, MERGE, PROJECTOR, TEMPORAL, VISION, media_inputs,  # noqa: F401 (family API)
-                                 user_content)
+from stages.models.vlm import qwen2_vl
+from stages.models.vlm.qwen2_vl import LANGUAGE, MERGE, PROJECTOR, TEMPORAL, VISION, media_inputs, user_content  # noqa: F401 (family API)
 
 MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
 

@@ -13,8 +13,8 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from stages import fetch, formats
-from stages.files import sha256_file
+from stages.common.files import sha256_file
+from stages.data import fetch, formats
 
 # outside DVC's outputs: a failed run resumes its partial files there, and a rerun fetches no URL twice
 DOWNLOADS = Path(".downloads")

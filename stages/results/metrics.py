@@ -63,7 +63,8 @@ def meteor(predictions: list[str], references: list[str]) -> float:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    return sum(p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references)) / max(1, len(predictions))
+    matches = sum(p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references))
+    return matches / max(1, len(predictions))
 
 
 def read_attributes(caption: str, vocabulary: dict[str, set[str]]) -> dict[str, str | None]:

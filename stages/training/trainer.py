@@ -8,15 +8,15 @@ import time
 from pathlib import Path
 
 import torch
-from dvclive import Live
 from dvclive.plots import Metric
 from transformers import TrainerCallback, TrainingArguments
 
-from stages.distributed import deepspeed_config, is_main_process
-from stages.files import write_json
+from dvclive import Live
+from stages.common.files import write_json
+from stages.training.distributed import deepspeed_config, is_main_process
 
 CHECKPOINTS = Path("checkpoints")
-CODE = Path(__file__).parent   # the stages package: a code change makes old checkpoints unusable
+CODE = Path(__file__).parents[1]   # the stages package: a code change makes old checkpoints unusable
 
 
 def checkpoint_folder(stage: str, p: dict, seed: int, inputs: list[Path]) -> Path:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-from stages.files import atomic_dir
+from stages.common.files import atomic_dir
 
 LAUNCHED = "STAGES_LAUNCHED_BY"   # set for the processes an engine starts: they train instead of launching again
 

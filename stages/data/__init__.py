@@ -1,0 +1,2 @@
+"""Getting videos and their annotations in: sources (local folders, URL lists), formats (annotation importers),
+fetch (downloads), video (PyAV probing and frame sampling), annotate (transcripts, auto-captions)."""

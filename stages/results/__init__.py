@@ -1,0 +1,1 @@
+"""What the pipeline hands to people: caption metrics (metrics) and the Hub upload (hub)."""
