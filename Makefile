@@ -13,10 +13,12 @@ $(VENV)/.installed: requirements.txt
 repro: setup          ## run the whole pipeline on the embedded default
 	dvc repro
 
-test: setup           ## every test, the end-to-end pipeline test included (what CI runs)
+test: setup           ## lint, then every test, the end-to-end pipeline test included (what CI runs)
+	ruff check .
 	python -m pytest
 
-test-fast: setup      ## unit tests only, for quick iterations
+test-fast: setup      ## lint and unit tests only, for quick iterations
+	ruff check .
 	python -m pytest -m "not e2e"
 
 bench: setup          ## time each stage of a full run and of the no-op rerun
