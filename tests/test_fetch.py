@@ -3,6 +3,7 @@
 Each test gets its own server, so the per-path request counters (which drive "fail the first n requests") and the
 request log start empty; the log lets a test assert how many attempts the client really made, with which Range.
 """
+import email.utils
 import hashlib
 import socket
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.data.fetch import FetchError, _delay, _Transient, check_url, download
+from stages.data.fetch import FetchError, check_url, download
 
 BODY = bytes(range(256)) * 400  # 102,400 bytes, not all equal so a wrong offset shows
 CAP = 200_000
@@ -82,6 +83,14 @@ class Handler(BaseHTTPRequestHandler):
         body = BODY[::-1] if version == 2 else BODY
         return self.send_half(body, headers) if count == 1 else self.send_range(count, body, headers)
 
+    def later(self, count: int):
+        """503 with Retry-After as an HTTP date 2 s ahead (in whole seconds: a wait of 1 to 2 s), then the file."""
+        if count > 1:
+            self.server.retried_at = time.time()
+            return self.send_body(BODY)
+        self.server.retry_at = email.utils.formatdate(time.time() + 2, usegmt=True)
+        self.send_body(b"back soon", 503, {"Retry-After": self.server.retry_at})
+
     def stall(self, count: int):
         self.send_response(200)
         self.send_header("Content-Length", str(len(BODY)))
@@ -107,6 +116,7 @@ ROUTES = {
     "/busy": lambda h, n: h.send_body(b"slow down", 429, {"Retry-After": "0"}) if n <= 2 else h.send_body(BODY),
     "/flaky": lambda h, n: h.send_body(b"oops", 500) if n == 1 else h.send_body(BODY),
     "/down": lambda h, n: h.send_body(b"maintenance", 503),
+    "/later": Handler.later,
     "/forbidden": lambda h, n: h.send_body(b"no", 403),
     "/slow": lambda h, n: (time.sleep(SLEEP), h.send_body(BODY)),
     "/drop": Handler.drop,
@@ -190,10 +200,13 @@ def test_busy_honours_retry_after_then_succeeds(server, tmp_path):
     assert len(server.log) == 3
 
 
-def test_delay_is_capped():
-    assert _delay(_Transient("HTTP 429", retry_after=3600), 0, 0.01) == 60
-    assert _delay(_Transient("HTTP 500"), 30, 1.0) == 60
-    assert _delay(_Transient("HTTP 500"), 2, 0.5) == 2.0
+def test_503_honours_retry_after_as_an_http_date(server, tmp_path, capsys):
+    started = time.monotonic()
+    path = download(server.base + "/later.mp4", tmp_path, **FAST)  # FAST's own backoff would wait 0.01 s
+    assert path.read_bytes() == BODY and len(server.log) == 2
+    assert server.retried_at >= email.utils.parsedate_to_datetime(server.retry_at).timestamp()  # not before the date
+    assert 1 <= time.monotonic() - started < 3
+    assert "collect: " + server.base + "/later.mp4: HTTP 503 Service Unavailable on try 1" in capsys.readouterr().out
 
 
 def test_flaky_500_is_retried(server, tmp_path):

@@ -1,8 +1,9 @@
 """stages.results.hub against a Hub stand-in on 127.0.0.1, through the real huggingface_hub client."""
 import socket
-from types import SimpleNamespace
 
+import httpx2
 import pytest
+from huggingface_hub.errors import HfHubHTTPError
 
 from stages.results import hub
 from tests.fake_hub import FakeHub
@@ -68,6 +69,28 @@ def test_429_and_503_are_retried_with_backoff_honouring_retry_after(fake_hub, ca
     assert "429 on try 1; retrying in 3 s" in capsys.readouterr().out
 
 
+def test_huggingface_hub_retries_its_listings_and_preupload_itself(fake_hub, capsys):
+    fake_hub.fail("GET", "/commits/", 503)      # list_repo_commits, through huggingface_hub's http_backoff
+    fake_hub.fail("POST", "/preupload/", 502)   # preupload_lfs_files, likewise
+    assert publish({"a.txt": b"a"})["uploaded"]
+    assert len(fake_hub.calls("GET", "/commits/")) == 2 and len(fake_hub.calls("POST", "/preupload/")) == 2
+    assert len(fake_hub.calls("POST", "/api/repos/create")) == 1   # our policy never started a second attempt
+    assert "retrying in" not in capsys.readouterr().out
+
+
+def test_an_error_huggingface_hub_already_retried_is_not_retried_again():
+    # Running out of huggingface_hub's own retries takes 23 s of its fixed waits, so this checks the marking directly.
+    request = httpx2.Request("GET", "http://127.0.0.1/api/models/alice/model/commits/main")
+    error = HfHubHTTPError("503 Service Unavailable", response=httpx2.Response(503, request=request))
+    assert hub.is_transient(error)
+
+    def listing():
+        raise error
+    with pytest.raises(HfHubHTTPError):
+        hub.retried_by_hub(listing)
+    assert not hub.is_transient(error)
+
+
 def test_other_client_errors_fail_at_once_with_the_servers_message(fake_hub):
     fake_hub.fail("POST", "/api/repos/create", 403, error="You don't have the rights to create a model under alice")
     with pytest.raises(SystemExit, match="You don't have the rights to create a model under alice"):
@@ -90,13 +113,6 @@ def test_an_unreachable_hub_is_retried_then_reported(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(SystemExit, match="could not reach the Hub .* after 2 tries"):
         publish({"a.txt": b"a"}, attempts=2)
-
-
-def test_backoff_doubles_from_1_s_up_to_60_s():
-    def state(attempt):
-        return SimpleNamespace(attempt_number=attempt,
-                               outcome=SimpleNamespace(exception=lambda: ConnectionError("reset")))
-    assert [hub.backoff_wait(state(n)) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
 
 
 def test_content_hash_depends_on_paths_and_bytes(tmp_path):

@@ -9,15 +9,16 @@ Why it works the way it does:
   comes back whole instead of its tail being spliced onto the old bytes.
   Only a complete, checked download is moved (atomically) to its final name, so no half video is ever mistaken for one.
 - No silent drops: every way a URL can fail ends in FetchError with a reason a person can act on (HTTP status,
-  timeout, size cap, checksum, refused scheme) and the number of attempts, which collect records in its quarantine
-  report instead of skipping the URL quietly.
-- Transient failures (429, 5xx, dropped or timed-out connections) are retried with exponential backoff; permanent
-  ones (other 4xx, refused schemes, size cap, checksum) fail at once, since retrying cannot fix them.
+  timeout, size cap, checksum, refused scheme) and the number of attempts, which collect records in
+  data/raw/rejects.jsonl instead of skipping the URL quietly.
+- Transient failures (429, 5xx, dropped or timed-out connections) are retried by the pipeline's one policy
+  (stages/common/retry.py: exponential backoff, or the server's Retry-After on 429/503, seconds or an HTTP date, both
+  capped at 60 s); permanent ones (other 4xx, refused schemes, size cap, checksum) fail at once, since retrying cannot
+  fix them. The requests.Session has no Retry adapter, so no request is retried twice.
 """
 import hashlib
 import os
 import re
-import time
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
@@ -25,22 +26,23 @@ import requests
 import urllib3
 
 from stages.common.files import sha256_file
+from stages.common.retry import retry_after, retrying
 
 EXTENSIONS = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".gif",
                         ".wav", ".mp3", ".m4a", ".flac", ".ogg", ".jpg", ".jpeg", ".png"})
 CHUNK = 1 << 16
-MAX_DELAY = 60.0  # seconds; a server's Retry-After (or a long exponential backoff) must not stall collect for hours
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # identity: byte offsets in Range and Content-Length must count the stored bytes, not a gzip stream of them.
 HEADERS = {"Accept-Encoding": "identity"}
 
 
 class FetchError(Exception):
-    """A URL that could not be fetched; str(error) is the reason recorded in the quarantine report."""
+    """A URL that could not be fetched; str(error) is the reason that collect records in data/raw/rejects.jsonl."""
 
 
 class _Transient(Exception):
-    """One attempt failed in a way another attempt may fix; `retry_after` is the server's wish in seconds."""
+    """One attempt failed in a way another attempt may fix; `retry_after` is the server's Retry-After in seconds,
+    read while the response was at hand."""
 
     def __init__(self, reason: str, retry_after: float | None = None, note: str = ""):
         super().__init__(reason)
@@ -84,24 +86,16 @@ def extension(url: str) -> str:
 def _with_retries(session: requests.Session, url: str, partial: Path, *, max_bytes: int, timeout: float,
                   retries: int, backoff: float) -> None:
     attempts = max(retries, 0) + 1
-    for attempt in range(attempts):
-        try:
-            _attempt(session, url, partial, max_bytes, timeout)
-            return
-        except _Transient as error:
-            last = error
-        except FetchError:
-            _discard(partial)  # permanent failure: nothing worth resuming
-            raise
-        if attempt + 1 < attempts:
-            time.sleep(_delay(last, attempt, backoff))
-    # The partial file stays: a later run of collect resumes it instead of starting over.
-    raise FetchError(f"{last} after {attempts} attempt{'s' if attempts > 1 else ''}{last.note}")
-
-
-def _delay(error: _Transient, attempt: int, backoff: float) -> float:
-    wanted = error.retry_after if error.retry_after is not None else backoff * 2 ** attempt
-    return min(max(wanted, 0.0), MAX_DELAY)
+    policy = retrying(f"collect: {url}", attempts=attempts, backoff=backoff,
+                      transient=lambda error: isinstance(error, _Transient), asked=lambda error: error.retry_after)
+    try:
+        policy(_attempt, session, url, partial, max_bytes, timeout)
+    except _Transient as last:
+        # The partial file stays: a later run of collect resumes it instead of starting over.
+        raise FetchError(f"{last} after {attempts} attempt{'s' if attempts > 1 else ''}{last.note}") from last
+    except FetchError:
+        _discard(partial)  # permanent failure: nothing worth resuming
+        raise
 
 
 def _attempt(session: requests.Session, url: str, partial: Path, max_bytes: int, timeout: float) -> None:
@@ -166,18 +160,10 @@ def _check_status(response: requests.Response) -> None:
     status = response.status_code
     reason = f"HTTP {status} {response.reason or ''}".rstrip()
     if status == 429 or status >= 500:
-        retry_after = _retry_after(response) if status in (429, 503) else None
-        raise _Transient(reason, retry_after=retry_after)
+        asked = retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
+        raise _Transient(reason, retry_after=asked)
     if status not in (200, 206):
         raise FetchError(reason)  # 404, 403, ...: permanent, retrying cannot help
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    """Retry-After in seconds; an HTTP-date or garbage falls back to our own backoff."""
-    try:
-        return float(response.headers["Retry-After"])
-    except (KeyError, ValueError):
-        return None
 
 
 def _resume_offset(response: requests.Response, partial: Path, offset: int) -> int:

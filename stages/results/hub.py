@@ -1,22 +1,22 @@
-"""Publishing to the Hugging Face Hub: one commit per repo that mirrors a set of files exactly, retried with
-exponential backoff on 429, 5xx and dropped connections, and skipped when the Hub already holds the same content.
+"""Publishing to the Hugging Face Hub: one commit per repo that mirrors a set of files exactly, retried on 429, 5xx
+and dropped connections by the pipeline's one policy (stages/common/retry.py), and skipped when the Hub already holds
+the same content.
 
 The token comes from the HF_TOKEN environment variable only (never from params, a file or the local token cache), is
 handed to huggingface_hub in memory and is never printed.
 """
-import email.utils
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt
+
+from stages.common.retry import retry_after, retrying
 
 CONTENT_TAG = "content-sha256: "   # written into each commit's description; how a rerun recognises its own upload
-MAX_WAIT_S = 60
+BACKOFF_S = 1.0                    # first wait; the policy doubles it each try
 
 
 def client() -> HfApi:
@@ -38,40 +38,32 @@ def content_sha256(files: dict[str, Path | bytes]) -> str:
 
 
 def is_transient(error: BaseException) -> bool:
+    if getattr(error, "retried_by_hub", False):
+        return False    # huggingface_hub's http_backoff has retried this request already (see retried_by_hub)
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         return error.response.status_code == 429 or error.response.status_code >= 500
     return isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError))
 
 
-def retry_after(error: BaseException) -> float | None:
-    """Seconds the server asked us to wait (Retry-After as seconds or as an HTTP date), if it said so."""
-    response = getattr(error, "response", None)
-    value = response.headers.get("Retry-After") if response is not None else None
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
+def retried_by_hub(call, *args, **kwargs):
+    """Run a huggingface_hub call whose requests its http_backoff retries itself: an error that still comes out has
+    been retried enough, so it is marked for is_transient, and our policy lets it through instead of retrying again."""
     try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+        return call(*args, **kwargs)
+    except Exception as error:
+        error.retried_by_hub = True
+        raise
 
 
-def backoff_wait(state) -> float:
-    """1 s, 2 s, 4 s ... capped at 60 s, unless the server's Retry-After says otherwise."""
-    asked = retry_after(state.outcome.exception())
-    return asked if asked is not None else min(MAX_WAIT_S, 2.0 ** (state.attempt_number - 1))
+def server_wait(error: BaseException) -> float | None:
+    """Seconds the Hub asked us to wait in Retry-After (seconds or an HTTP date), if it said so."""
+    response = getattr(error, "response", None)
+    return retry_after(response.headers.get("Retry-After")) if response is not None else None
 
 
-def with_retries(call, attempts: int, what: str):
-    def report(state):
-        error = state.outcome.exception()
-        status = getattr(getattr(error, "response", None), "status_code", type(error).__name__)
-        print(f"push: {what}: {status} on try {state.attempt_number}; retrying in {state.next_action.sleep:.0f} s",
-              flush=True)
-
-    return Retrying(stop=stop_after_attempt(attempts), wait=backoff_wait, retry=retry_if_exception(is_transient),
-                    before_sleep=report, reraise=True)(call)
+def _additions(files: dict[str, Path | bytes]) -> list[CommitOperationAdd]:
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
+            for name, data in sorted(files.items())]
 
 
 def publish(api: HfApi, repo_id: str, files: dict[str, Path | bytes], *, repo_type: str, private: bool,
@@ -81,20 +73,24 @@ def publish(api: HfApi, repo_id: str, files: dict[str, Path | bytes], *, repo_ty
 
     def attempt() -> tuple[str, bool]:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        head = api.list_repo_commits(repo_id, repo_type=repo_type)[0]
+        head = retried_by_hub(api.list_repo_commits, repo_id, repo_type=repo_type)[0]
         if CONTENT_TAG + content in f"{head.title}\n{head.message}":
             return head.commit_id, False     # already there: a rerun, or a retry after a commit whose reply was lost
-        stale = set(api.list_repo_files(repo_id, repo_type=repo_type)) - set(files) - {".gitattributes"}
-        operations = ([CommitOperationAdd(path_in_repo=name,
-                                          path_or_fileobj=data if isinstance(data, bytes) else str(data))
-                       for name, data in sorted(files.items())]
-                      + [CommitOperationDelete(path_in_repo=name) for name in sorted(stale)])
-        info = api.create_commit(repo_id, operations=operations, repo_type=repo_type, commit_message=title,
+        held = retried_by_hub(api.list_repo_files, repo_id, repo_type=repo_type)
+        additions = _additions(files)
+        deletions = [CommitOperationDelete(path_in_repo=name)
+                     for name in sorted(set(held) - set(files) - {".gitattributes"})]
+        # Uploaded first, under huggingface_hub's own retries, so that create_commit is left with the commit POST.
+        retried_by_hub(api.preupload_lfs_files, repo_id, additions=additions, repo_type=repo_type, free_memory=False)
+        info = api.create_commit(repo_id, operations=additions + deletions, repo_type=repo_type, commit_message=title,
                                  commit_description=CONTENT_TAG + content)
         return info.oid, True
 
+    # Retries: huggingface_hub owns its listings and uploads (retried_by_hub), ours create_repo and the commit POST.
+    policy = retrying(f"push: {repo_id}", attempts=attempts, backoff=BACKOFF_S, transient=is_transient,
+                      asked=server_wait)
     try:
-        commit, uploaded = with_retries(attempt, attempts, repo_id)
+        commit, uploaded = policy(attempt)
     except HfHubHTTPError as error:
         raise SystemExit(f"push: the Hub refused {repo_type} repo {repo_id}: {error}") from None
     except (httpx2.TransportError, ConnectionError, TimeoutError) as error:
