@@ -2,8 +2,13 @@
 VENV := .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test test-fast bench
+.PHONY: setup browser repro test test-fast bench
 setup: $(VENV)/.installed
+
+# tests/test_plots.py opens `dvc plots show` in a real headless browser: Debian's Chromium (root for apt-get)
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -13,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 repro: setup          ## run the whole pipeline on the embedded default
 	dvc repro
 
-test: setup           ## lint, then every test, the end-to-end pipeline test included (what CI runs)
+test: setup browser   ## lint, then every test, the end-to-end pipeline test included (what CI runs)
 	ruff check .
 	python -m pytest
 
