@@ -2,61 +2,14 @@
 is loaded: a tiny Whisper with a real feature extractor and an offline byte-level tokenizer, and the tiny LLaVA."""
 import numpy as np
 import pytest
-import torch
-from tokenizers import pre_tokenizers
-from transformers import (
-    AutoTokenizer,
-    GenerationConfig,
-    LlavaForConditionalGeneration,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperProcessor,
-    WhisperTokenizer,
-    pipeline,
-)
+from transformers import AutoTokenizer, LlavaForConditionalGeneration, WhisperForConditionalGeneration, pipeline
 
 from stages.data import annotate
 from stages.data.annotate import captioner, transcriber
 from stages.models.vlm import llava
+from tests.helpers import TINY_VLM, build_whisper
 
 RATE = 16_000
-SPECIAL = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
-           "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]   # Whisper's order: <|notimestamps|> last
-LLAVA = {"vision_hidden": 32, "vision_layers": 1, "patch_size": 8, "text_hidden": 32, "text_layers": 1, "heads": 2,
-         "vocab_size": 300}
-
-
-def build_whisper(out):
-    """A random-init Whisper (1 + 1 layers, width 32) with the real feature extractor and a byte-level tokenizer
-    (the 256 byte symbols, no merges, plus Whisper's special tokens), saved to `out`.
-
-    The generation config mirrors a multilingual hub checkpoint's (language detection among lang_to_id, then
-    <|notimestamps|>). It is built afresh: the one the model derives from its config is flagged `_from_model_config`,
-    and loading such a config drops the Whisper-only keys (lang_to_id, task_to_id, no_timestamps_token_id).
-    max_length caps generation at the decoder's positions, as Whisper's 448 does; without it the pipeline adds
-    max_new_tokens=256, more than the decoder has.
-    """
-    tokenizer = WhisperTokenizer(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                                 merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL}
-    end, start = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
-    config = WhisperConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
-                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                           decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500, max_target_positions=16,
-                           pad_token_id=end, bos_token_id=end, eos_token_id=end, decoder_start_token_id=start,
-                           begin_suppress_tokens=[end], suppress_tokens=[])
-    torch.manual_seed(0)   # the same random weights, hence the same decoding work, on every run
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=start, bos_token_id=end, eos_token_id=end, pad_token_id=end, max_length=16,
-        begin_suppress_tokens=[end], suppress_tokens=[], is_multilingual=True, lang_to_id={"<|en|>": ids["<|en|>"]},
-        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
-        no_timestamps_token_id=ids["<|notimestamps|>"])
-    model.save_pretrained(out)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=tokenizer).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +20,7 @@ def whisper(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
     texts = ["a red circle moves left", "a blue square moves right", "Describe the video."] * 20
-    return str(llava.build_tiny(LLAVA, texts, 32, tmp_path_factory.mktemp("llava") / "model"))
+    return str(llava.build_tiny(TINY_VLM, texts, 32, tmp_path_factory.mktemp("llava") / "model"))
 
 
 def spy_generate(monkeypatch, model_class) -> list[dict]:

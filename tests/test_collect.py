@@ -1,7 +1,7 @@
 import av
 
-from stages.collect import assign_splits, caption
 from stages.common.files import read_jsonl, sha256_file
+from stages.data.synthetic import assign_splits, caption
 
 
 def test_videos_are_h264_mp4_and_content_addressed(small_data):
@@ -34,7 +34,7 @@ def test_samples_carry_caption_question_metadata_and_split(small_data):
 
 def test_collect_is_deterministic(small_data, tmp_path):
     from stages import collect
-    from tests.conftest import inside
+    from tests.helpers import inside
 
     (tmp_path / "params.yaml").write_text((small_data / "params.yaml").read_text())
     with inside(tmp_path):

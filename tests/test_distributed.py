@@ -12,8 +12,7 @@ from transformers import AutoModelForSeq2SeqLM
 from stages import train_seq2seq, train_vlm
 from stages.models import vlm
 from stages.training import distributed
-from tests.conftest import REPO, SMALL, inside, write_params
-from tests.test_train_seq2seq import read_curve
+from tests.helpers import REPO, SMALL, inside, read_curve, write_params
 
 STEPS = 6
 TWO = {"num_processes": 2, "num_nodes": 1, "hostfile": ""}

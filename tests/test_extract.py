@@ -6,7 +6,7 @@ from safetensors.numpy import load_file
 
 from stages import extract
 from stages.common.files import read_jsonl, sha256_file, write_jsonl
-from tests.conftest import write_params
+from tests.helpers import TINY_VLM, add_broken_video, build_whisper, ffmpeg, write_params
 
 
 def test_one_shard_per_video_with_the_params_frames(workspace):
@@ -19,14 +19,6 @@ def test_one_shard_per_video_with_the_params_frames(workspace):
     frames = load_file(str(workspace / "data/frames" / shards[0]))
     assert frames["frames"].shape == (4, 32, 32, 3)
     assert frames["timestamps"].tolist() == sorted(frames["timestamps"].tolist())
-
-
-def add_broken_video(workspace, name="f" * 64 + ".mp4"):
-    (workspace / "data/raw/videos" / name).write_bytes(b"not a video")
-    samples = read_jsonl(workspace / "data/raw/samples.jsonl")
-    broken = {**samples[0], "id": "broken-0", "videos": [f"videos/{name}"]}
-    write_jsonl(workspace / "data/raw/samples.jsonl", samples + [broken])
-    return f"videos/{name}"
 
 
 def test_a_broken_video_is_quarantined_with_its_reason(workspace):
@@ -55,8 +47,6 @@ def test_audio_transcripts_and_auto_captions_reach_the_manifest(workspace, tmp_p
     manifest then trains on the auto-caption and gives the transcript to the seq2seq source."""
     from stages import manifest
     from stages.models.vlm import llava
-    from tests.test_annotate import LLAVA, build_whisper
-    from tests.test_video import ffmpeg
 
     talking = tmp_path / "talking.mp4"
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=8", "-f", "lavfi", "-i", "sine=frequency=300",
@@ -68,7 +58,7 @@ def test_audio_transcripts_and_auto_captions_reach_the_manifest(workspace, tmp_p
                    "meta": {}, "split": "train"}
     write_jsonl(workspace / "data/raw/samples.jsonl", samples + [uncaptioned])
     whisper = build_whisper(tmp_path / "whisper")
-    vlm = llava.build_tiny(LLAVA, ["a test pattern with a tone"], 32, tmp_path / "llava")
+    vlm = llava.build_tiny(TINY_VLM, ["a test pattern with a tone"], 32, tmp_path / "llava")
     write_params(workspace, {"extract": {"audio": True, "transcribe_model": str(whisper),
                                          "caption_model": str(vlm), "caption_max_tokens": 6}})
     extract.main()

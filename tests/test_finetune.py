@@ -5,7 +5,7 @@ from transformers import AutoProcessor
 from stages.common.files import read_jsonl
 from stages.models import vlm
 from stages.training import finetune
-from tests.test_vlm import PARAMS, frames, row_with
+from tests.helpers import TINY_VLM, frames, row_with
 
 FINETUNE = {"finetune": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "auto"},
             "freeze_vision": False, "train_projector": True, "merge_lora": False, "gradient_checkpointing": False,
@@ -17,7 +17,7 @@ def tiny_base(request, small_data, tmp_path_factory):
     fam = vlm.family(request.param)
     rows = read_jsonl(small_data / "data/manifest/train.jsonl")
     texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]]
-    return fam, str(fam.build_tiny(PARAMS, texts, 32, tmp_path_factory.mktemp(request.param) / "base"))
+    return fam, str(fam.build_tiny(TINY_VLM, texts, 32, tmp_path_factory.mktemp(request.param) / "base"))
 
 
 def trainable(model) -> set[str]:
@@ -85,7 +85,7 @@ def test_vision_parts_and_pixels_are_aligned_to_the_text_dtype_as_a_4_bit_base_n
     fam = vlm.family("smolvlm")
     texts = [m["content"].replace(vlm.VIDEO, "") for row in read_jsonl(small_data / "data/manifest/train.jsonl")
              for m in row["messages"]]
-    base = fam.build_tiny(PARAMS, texts, 32, tmp_path / "base")
+    base = fam.build_tiny(TINY_VLM, texts, 32, tmp_path / "base")
     processor = AutoProcessor.from_pretrained(base)
     example = vlm.encode(row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")]), frames(),
                          processor, fam, 4096)

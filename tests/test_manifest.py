@@ -4,8 +4,7 @@ import jsonschema
 
 from stages import extract, manifest
 from stages.common.files import read_jsonl, write_jsonl
-from tests.conftest import write_params
-from tests.test_extract import add_broken_video
+from tests.helpers import add_broken_video, write_params
 
 SCHEMA = json.loads((manifest.SCHEMAS / "manifest_v1.json").read_text())
 

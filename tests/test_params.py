@@ -1,7 +1,7 @@
 import pytest
 
 from stages.common.params import ParamsError, load
-from tests.conftest import REPO, write_params
+from tests.helpers import REPO, write_params
 
 
 def test_every_block_of_the_shipped_params_is_valid():

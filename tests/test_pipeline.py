@@ -2,6 +2,10 @@
 
 The tests share one repository and run in order: the full default run (which must reproduce the committed dvc.lock
 and eval/metrics.json), then what DVC must (not) rerun after it, the remote round trip and queued experiments.
+Each experiment starts from the committed params.yaml plus its own settings (helpers.exp_run), never from what an
+earlier test left in the shared workspace. A stage whose params and inputs come back to an earlier run's is restored
+from DVC's run cache instead of run, unless it has an output with `cache: false` (manifest, evaluate): DVC keeps no
+run cache for those.
 """
 import csv
 import io
@@ -9,10 +13,8 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,43 +22,12 @@ import pytest
 import yaml
 from ruamel.yaml import YAML
 
-from tests.conftest import REPO
 from tests.fake_hub import FakeHub
-from tests.test_training import wait_for_checkpoint
+from tests.helpers import ENV, committed, copy_repository, dvc, exp_run, git, ran, reset_params, wait_for_checkpoint
 
 pytestmark = pytest.mark.e2e
 ALL = {"collect", "extract", "manifest", "train_seq2seq", "train_vlm", "evaluate", "push"}
 DATA_STAGES = ("collect", "extract", "manifest")
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-       "DVC_NO_ANALYTICS": "1"}
-
-
-def copy_repository(target: Path) -> Path:
-    """A fresh git repository with this working tree's tracked and untracked-but-not-ignored files, committed."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, target / name)
-    git(target, "init", "-q")
-    git(target, "add", "-A")
-    git(target, "commit", "-qm", "copy")
-    return target
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args], cwd=repo, check=True)
-
-
-def dvc(repo: Path, *args: str, env: dict | None = None) -> str:
-    result = subprocess.run(["dvc", *args], cwd=repo, env=env or ENV, capture_output=True, text=True)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([a-z_0-9]+)'", output))
 
 
 def data_hashes(repo: Path) -> dict:
@@ -86,13 +57,14 @@ def test_default_run_trains_models_that_learned(pipeline):
 
 def test_default_run_reproduces_the_committed_lock_and_metrics(pipeline):
     """The pinned experiment. A change that moves these on purpose commits the new dvc.lock and eval/metrics.json
-    together (README: "Pinned results")."""
-    committed = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    together (README: "Pinned results"). Compared with HEAD's, not the working tree's: a local `make repro` may
+    have overwritten those files."""
+    lock = yaml.safe_load(committed("dvc.lock"))["stages"]
     for stage, outs in pipeline["first_data_hashes"].items():
-        assert outs == committed[stage]["outs"], f"{stage}: outputs differ from the committed dvc.lock"
+        assert outs == lock[stage]["outs"], f"{stage}: outputs differ from the committed dvc.lock"
     metrics = json.loads((pipeline["repo"] / "eval/metrics.json").read_text())
-    pinned = json.loads((REPO / "eval/metrics.json").read_text())
-    tolerance = json.loads((REPO / "eval/metrics.tolerance.json").read_text())
+    pinned = json.loads(committed("eval/metrics.json"))
+    tolerance = json.loads(committed("eval/metrics.tolerance.json"))
     assert set(tolerance) == {f"{model}.{name}" for model, scores in pinned.items() for name in scores}
     for key, allowed in tolerance.items():
         model, name = key.split(".")
@@ -132,7 +104,7 @@ def test_a_second_clone_gets_every_output_from_the_remote_without_running_a_stag
 
 
 def test_a_train_vlm_param_reruns_only_train_vlm_evaluate_and_push(pipeline):
-    output = dvc(pipeline["repo"], "exp", "run", "-S", "train_vlm.learning_rate=0.0005", "-S", "train_vlm.max_steps=40")
+    output = exp_run(pipeline["repo"], "train_vlm.learning_rate=0.0005", "train_vlm.max_steps=40")
     assert ran(output) == {"train_vlm", "evaluate", "push"}
     diff = dvc(pipeline["repo"], "metrics", "diff")       # this experiment against the committed default
     for metric in ("vlm.bleu", "vlm.rouge_l", "vlm.cider_d", "vlm.meteor", "vlm.attribute_accuracy"):
@@ -140,7 +112,8 @@ def test_a_train_vlm_param_reruns_only_train_vlm_evaluate_and_push(pipeline):
 
 
 def test_an_extract_param_reruns_extract_and_what_depends_on_frames_not_collect(pipeline):
-    output = dvc(pipeline["repo"], "exp", "run", "-S", "extract.frame_size=24")
+    # train_vlm reruns on the new frames: a few steps of it, not the default 2000
+    output = exp_run(pipeline["repo"], "extract.frame_size=24", "train_vlm.max_steps=40")
     # the manifest is rebuilt but comes out identical (frame size is not in it), so train_seq2seq is skipped
     assert ran(output) == {"extract", "manifest", "train_vlm", "evaluate", "push"}
 
@@ -154,8 +127,7 @@ def test_data_stages_are_deterministic_across_clean_runs(pipeline, tmp_path):
 def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
     repo = pipeline["repo"]
     for name, rate in (("lr-high", "0.002"), ("lr-low", "0.0005")):
-        dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"train_vlm.learning_rate={rate}",
-            "-S", "train_vlm.max_steps=30")
+        exp_run(repo, f"train_vlm.learning_rate={rate}", "train_vlm.max_steps=30", options=("--queue", "-n", name))
     dvc(repo, "queue", "start")
     deadline = time.monotonic() + 900
     while re.search(r"\b(Queued|Running)\b", dvc(repo, "queue", "status")):
@@ -173,7 +145,7 @@ def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
 @pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "qwen2_5_vl"])
 def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
     repo = pipeline["repo"]
-    output = dvc(repo, "exp", "run", "-S", f"train_vlm.family={family}", "-S", "train_vlm.max_steps=60")
+    output = exp_run(repo, f"train_vlm.family={family}", "train_vlm.max_steps=60")
     assert {"train_vlm", "evaluate", "push"} <= ran(output)
     assert json.loads((repo / "models/vlm/training.json").read_text())["family"] == family
     losses = [float(line.split("\t")[-1]) for line in
@@ -183,11 +155,14 @@ def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
 
 
 def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
-    repo, server = pipeline["repo"], FakeHub()
-    token = f"hf_FAKE_{secrets.token_hex(12)}"
+    repo = pipeline["repo"]
+    # back to the default run's outputs (the trainings come from the run cache), so that the push params alone differ
+    reset_params(repo)
+    dvc(repo, "repro")
+    server, token = FakeHub(), f"hf_FAKE_{secrets.token_hex(12)}"
     env = {**ENV, "HF_TOKEN": token, "HF_ENDPOINT": server.url, "HF_USER_ID": "alice"}
     try:
-        output = dvc(repo, "exp", "run", "-S", "push.target=hf", "-S", "push.dataset=true", env=env)
+        output = exp_run(repo, "push.target=hf", "push.dataset=true", env=env)
         assert ran(output) == {"push"}
         receipt = json.loads((repo / "export/push.json").read_text())
         assert receipt["models"]["vlm"]["repo"] == "alice/video-lm-vlm" and receipt["dataset"]["uploaded"]
@@ -210,8 +185,7 @@ def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
 
 def test_a_lora_adapter_is_evaluated_and_exported_as_an_adapter(pipeline):
     repo = pipeline["repo"]
-    output = dvc(repo, "exp", "run", "-S", "train_vlm.finetune=lora", "-S", "train_vlm.max_steps=20",
-                 "-S", "push.target=dir")                 # the Hub test before it left push.target=hf
+    output = exp_run(repo, "train_vlm.finetune=lora", "train_vlm.max_steps=20")
     assert {"train_vlm", "evaluate", "push"} <= ran(output)
     assert not (repo / "models/vlm/model").exists() and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
     assert (repo / "export/vlm/adapter_config.json").exists()
@@ -221,6 +195,7 @@ def test_a_lora_adapter_is_evaluated_and_exported_as_an_adapter(pipeline):
 
 def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(pipeline):
     repo = pipeline["repo"]
+    reset_params(repo)                                  # this test edits params.yaml itself: from the committed one
     yaml_rt = YAML()
     params = yaml_rt.load((repo / "params.yaml").read_text())
     params["train_seq2seq"].update({"max_steps": 300, "save_steps": 50})
@@ -241,9 +216,9 @@ def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(pipeline):
 
 def test_the_one_line_stage_command_starts_deepspeed_on_two_processes(pipeline):
     repo = pipeline["repo"]
-    output = dvc(repo, "exp", "run", "-S", "train_seq2seq.distributed.launcher=deepspeed",
-                 "-S", "train_seq2seq.distributed.num_processes=2", "-S", "train_seq2seq.deepspeed.enabled=true",
-                 "-S", "train_seq2seq.max_steps=60")
+    output = exp_run(repo, "train_seq2seq.distributed.launcher=deepspeed", "train_seq2seq.distributed.num_processes=2",
+                     "train_seq2seq.deepspeed.enabled=true", "train_seq2seq.max_steps=60")
+    # train_vlm is back on the committed params after the LoRA test: restored from the run cache, not run
     assert {"train_seq2seq", "evaluate", "push"} <= ran(output) and "train_vlm" not in ran(output)
     training = json.loads((repo / "models/seq2seq/training.json").read_text())
     assert training["engine"]["processes"] == 2 and training["engine"]["deepspeed_zero_stage"] == 2

@@ -9,8 +9,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer, Ll
 from stages import push
 from stages.common.files import read_jsonl
 from stages.models import vlm
-from tests.conftest import inside, write_params
 from tests.fake_hub import FakeHub
+from tests.helpers import inside, write_params
 
 TOKEN = "hf_push_test_token"
 

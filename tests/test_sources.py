@@ -13,8 +13,7 @@ from ruamel.yaml import YAML
 
 from stages.common.files import read_jsonl, sha256_file
 from stages.data import sources
-from tests.test_pipeline import copy_repository, dvc, ran
-from tests.test_video import ffmpeg, make_video
+from tests.helpers import copy_repository, dvc, ffmpeg, make_video, ran
 
 
 def frame_folder(folder: Path, count: int = 6) -> Path:

@@ -4,12 +4,7 @@ import pytest
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from stages import train_seq2seq
-from tests.conftest import write_params
-
-
-def read_curve(path):
-    lines = path.read_text().splitlines()[1:]
-    return [(int(step), float(value)) for step, value in (line.split("\t") for line in lines)]
+from tests.helpers import read_curve, write_params
 
 
 def test_trains_the_tiny_model_and_saves_it_loadable_by_path(workspace):

@@ -7,8 +7,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, SmolVLMFo
 from stages import train_vlm
 from stages.common.files import read_jsonl
 from stages.models import vlm
-from tests.conftest import SMALL, write_params
-from tests.test_train_seq2seq import read_curve
+from tests.helpers import SMALL, read_curve, write_params
 
 
 def test_trains_the_tiny_llava_and_saves_it_loadable_by_path(workspace):

@@ -12,7 +12,7 @@ from transformers import Trainer
 
 from stages import train_seq2seq
 from stages.training.trainer import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
-from tests.conftest import REPO, SMALL, write_params
+from tests.helpers import REPO, SMALL, wait_for_checkpoint, write_params
 
 P = {"learning_rate": 0.001, "max_steps": 10}
 
@@ -45,18 +45,6 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint_and_cleans_up(wo
     resumed = int(training["resumed_from"].removeprefix("checkpoint-"))
     assert resumed >= saved and training["global_step"] == 40
     assert not CHECKPOINTS.exists() and not list((workspace / "models").rglob("checkpoint-*"))
-
-
-def wait_for_checkpoint(process, folder: Path, timeout: float = 120) -> int:
-    """The step of the first complete checkpoint (trainer_state.json is written last)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        states = list(folder.glob("*/checkpoint-*/trainer_state.json"))
-        if states:
-            return int(states[0].parent.name.removeprefix("checkpoint-"))
-        assert process.poll() is None, "training ended before it saved a checkpoint"
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint in {folder} after {timeout} s")
 
 
 def test_bf16_auto_is_off_without_a_gpu_and_explicit_values_win():

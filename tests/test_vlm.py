@@ -5,9 +5,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from stages.common.files import read_jsonl
 from stages.models import vlm
+from tests.helpers import TINY_VLM, frames, row_with
 
-PARAMS = {"vision_hidden": 32, "vision_layers": 1, "patch_size": 8, "text_hidden": 32, "text_layers": 1, "heads": 2,
-          "vocab_size": 300}
 FAM = vlm.family("llava")
 
 
@@ -15,17 +14,8 @@ FAM = vlm.family("llava")
 def tiny_llava(small_data, tmp_path_factory):
     rows = read_jsonl(small_data / "data/manifest/train.jsonl")
     texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]]
-    path = FAM.build_tiny(PARAMS, texts, 32, tmp_path_factory.mktemp("llava") / "base")
+    path = FAM.build_tiny(TINY_VLM, texts, 32, tmp_path_factory.mktemp("llava") / "base")
     return AutoProcessor.from_pretrained(path), LlavaForConditionalGeneration.from_pretrained(path)
-
-
-def row_with(turns, videos=1, frames=4):
-    messages = [{"role": role, "content": text} for role, text in turns]
-    return {"id": "t", "videos": [{"num_frames": frames, "frames": "x"}] * videos, "messages": messages}
-
-
-def frames(videos=1, count=4):
-    return [np.random.default_rng(i).integers(0, 255, (count, 32, 32, 3), dtype=np.uint8) for i in range(videos)]
 
 
 def labelled_text(processor, example):
@@ -85,7 +75,7 @@ def tiny_family(request, small_data, tmp_path_factory):
     fam = vlm.family(request.param)
     rows = read_jsonl(small_data / "data/manifest/train.jsonl")
     texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]]
-    path = fam.build_tiny(PARAMS, texts, 32, tmp_path_factory.mktemp(request.param) / "base")
+    path = fam.build_tiny(TINY_VLM, texts, 32, tmp_path_factory.mktemp(request.param) / "base")
     return request.param, fam, AutoProcessor.from_pretrained(path), fam.MODEL_CLASS.from_pretrained(path)
 
 
@@ -134,7 +124,7 @@ def test_each_family_batches_samples_with_different_video_and_frame_counts(tiny_
 @pytest.mark.parametrize("name", vlm.FAMILIES)
 def test_each_family_takes_frames_whose_side_is_no_multiple_of_its_patch_grid(name, small_data, tmp_path):
     fam = vlm.family(name)
-    base = fam.build_tiny(PARAMS, ["a red circle moves left"] * 50, 24, tmp_path / "base")  # 3 x 3 patches of 8 px
+    base = fam.build_tiny(TINY_VLM, ["a red circle moves left"] * 50, 24, tmp_path / "base")  # 3 x 3 patches of 8 px
     processor, model = AutoProcessor.from_pretrained(base), fam.MODEL_CLASS.from_pretrained(base)
     row = row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")])
     video = [np.random.default_rng(0).integers(0, 255, (4, 24, 24, 3), dtype=np.uint8)]
