@@ -52,18 +52,45 @@ def test_triplets_json_array_reports_the_line_where_each_element_starts(tmp_path
                                 {"role": "assistant", "content": "The cat jumps onto the sofa."}],
                    "question": "What does the cat do?", "caption": "The cat jumps onto the sofa.",
                    "meta": {"title": "cat", "duration": 12.5}, "split": "train"}
-    assert pair["id"] == "clips-4" and pair["videos"] == ["clips/a.mp4", "clips/b.mp4"]
+    assert pair["id"] == "clips-2" and pair["videos"] == ["clips/a.mp4", "clips/b.mp4"]
     assert pair["messages"][0]["content"] == f"{VIDEO}\n{VIDEO}\nHow do the two clips differ?"
     assert pair["meta"] == {"source": "phone"} and "split" not in pair
-    assert uncaptioned["id"] == "clips-8" and uncaptioned["caption"] is None
+    assert uncaptioned["id"] == "clips-4" and uncaptioned["caption"] is None
     assert [m["role"] for m in uncaptioned["messages"]] == ["user"]
 
 
-def test_triplets_jsonl_default_ids_are_stem_and_line(tmp_path):
+def test_triplets_jsonl_default_ids_are_stem_and_row_position(tmp_path):
     path = write_lines(tmp_path / "batch.jsonl", [{"video": "a.mp4", "question": "Q?", "caption": "A."}, "",
                                                   {"video": "b.mp4", "question": "Q?", "caption": "B."}])
     samples, errors = read_annotations(path, "triplets")
-    assert errors == [] and [s["id"] for s in samples] == ["batch-1", "batch-3"]
+    assert errors == [] and [s["id"] for s in samples] == ["batch-1", "batch-2"]   # the blank line is no row
+
+
+# One valid row without an id per format, each of which a JSON array can hold.
+ROW_OF = {
+    "triplets": lambda n: {"video": f"v{n}.mp4", "question": "What?", "caption": f"Clip {n}."},
+    "llava": lambda n: {"conversation": [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": f"Clip {n}."}]}], "video_url": f"v{n}.mp4"},
+    "sharegpt": lambda n: {"video": f"v{n}.mp4", "conversations": [{"from": "human", "value": f"{VIDEO}\nWhat?"},
+                                                                  {"from": "gpt", "value": f"Clip {n}."}]},
+    "manifest_v1": lambda n: {"frames_dir": f"frames/{n}", "meta": {"caption": f"Clip {n}."}},
+    "openai": lambda n: {"messages": [
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"v{n}.mp4"}},
+                                     {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": f"Clip {n}."}]},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(ROW_OF))
+def test_a_json_array_on_one_line_keeps_every_row(tmp_path, fmt):
+    """json.dump writes the whole array on one line: ids come from each row's position, so none collide."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([ROW_OF[fmt](n) for n in range(1, 4)] + ["not an object"]))
+    samples, errors = read_annotations(path)
+    assert [s["id"] for s in samples] == ["data-1", "data-2", "data-3"]
+    assert [s["caption"] for s in samples] == ["Clip 1.", "Clip 2.", "Clip 3."]
+    assert errors == [{"source": f"{path}:1", "field": "", "reason": "item 4: expected a JSON object, got str"}]
 
 
 def test_llava_multi_turn_with_a_run_of_frames_or_a_video_part(tmp_path):
@@ -264,7 +291,7 @@ def test_a_hostile_file_costs_only_its_bad_rows(tmp_path):
         16: ("conversations/1/from", "unknown role 'bot'"),
         17: ("conversations", "no user turn"),
         18: ("conversations/1/value", "empty text"),
-        19: ("id", "duplicate id 'good-1' (first at line 1)"),
+        19: ("id", "duplicate id 'good-1' (first at row 1, line 1)"),
         20: ("video", "expected a string or a list, got int"),
         21: ("", "a triplets row in a sharegpt file"),
         22: ("split", "unknown split 'dev'"),

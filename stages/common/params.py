@@ -47,11 +47,16 @@ def _describe(block: str, error: jsonschema.ValidationError) -> str:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed every generator a stage touches and make torch's CPU kernels deterministic."""
+    """Seed every generator a stage touches and make torch's kernels deterministic, strictly: an op without a
+    deterministic implementation raises instead of warning (none of the families' training ops does, on CPU)."""
+    import os
+
     import numpy as np
     import torch
 
+    # cuBLAS is deterministic only with a fixed workspace; without this, strict mode stops the first matmul on a GPU
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)

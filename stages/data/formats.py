@@ -20,8 +20,8 @@ VIDEO = "<video>"  # the placeholder of one video in a user turn, for every stag
 SPLITS = ("train", "val", "test")
 URL_SCHEMES = ("http", "https")
 MANIFEST_QUESTION = "Describe the video."  # manifest_v1 rows carry a caption but no question
-PLACEHOLDER = VIDEO + "\n"
-_PLACEHOLDER = re.compile(re.escape(VIDEO) + r"[ \t]*\n?")  # as users write it: "<video>", "<video> ", "<video>\n"
+VIDEO_LINE = VIDEO + "\n"
+_VIDEO_AS_WRITTEN = re.compile(re.escape(VIDEO) + r"[ \t]*\n?")  # as users write it: "<video>", "<video> ", "<video>\n"
 _BLANK = re.compile(r"\s*")
 _EXPECTED = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
 _COMMON_KEYS = {"id", "split", "meta"}  # every format may have them; they never go into meta as extras
@@ -142,7 +142,7 @@ def _join(pieces: list[str]) -> str:
 def _triplets(row: dict) -> dict:
     videos = _videos(_required(row, "video", (str, list)), "video")
     question = _plain_text(_required(row, "question", str), "question").strip()
-    turns = [("user", PLACEHOLDER * len(videos) + question, "question")]
+    turns = [("user", VIDEO_LINE * len(videos) + question, "question")]
     caption = _optional(row, "caption", str)
     if caption is not None:
         turns.append(("assistant", _plain_text(caption, "caption").strip(), "caption"))
@@ -163,7 +163,7 @@ def _llava_content(content, field: str) -> str:
         if kind == "text":
             pieces.append(_plain_text(_required(part, "text", str, at + "/"), at + "/text"))
         elif kind == "video" or (kind == "image" and previous != "image"):
-            pieces.append(PLACEHOLDER)
+            pieces.append(VIDEO_LINE)
         elif kind != "image":
             raise RowError(at + "/type", f"unknown part type {kind!r} (expected text, image or video)")
         previous = kind
@@ -196,7 +196,7 @@ def _sharegpt(row: dict) -> dict:
         at = f"conversations/{index}"
         role = _role(_required(_typed(turn, dict, at), "from", str, at + "/"), _SHAREGPT_ROLES, at + "/from")
         value = _text(_required(turn, "value", str, at + "/"), at + "/value")
-        turns.append((role, _PLACEHOLDER.sub(PLACEHOLDER, value), at + "/value"))
+        turns.append((role, _VIDEO_AS_WRITTEN.sub(VIDEO_LINE, value), at + "/value"))
     return {"videos": videos, "turns": turns, "conversation": "conversations",
             "meta": _meta(row, {"video", "videos", "system", "conversations"})}
 
@@ -207,7 +207,7 @@ def _manifest_v1(row: dict) -> dict:
     meta = _meta(row, {"frames_dir", "audio"})
     caption = _optional(_optional(row, "meta", dict) or {}, "caption", str, "meta/")
     meta.pop("caption", None)  # it is the sample's caption now
-    turns = [("user", PLACEHOLDER + MANIFEST_QUESTION, "frames_dir")]
+    turns = [("user", VIDEO_LINE + MANIFEST_QUESTION, "frames_dir")]
     if caption is not None:
         turns.append(("assistant", _plain_text(caption, "meta/caption").strip(), "meta/caption"))
     body = {"videos": [], "turns": turns, "conversation": "frames_dir", "meta": meta, "frames_dir": frames_dir}
@@ -236,7 +236,7 @@ def _openai_content(content, field: str, videos: list) -> str:
             videos.append(_video_ref(_required(part, "video", str, at + "/"), at + "/video"))
         else:
             raise RowError(at + "/type", f"unknown part type {kind!r} (expected text, video_url or video)")
-        pieces.append(PLACEHOLDER)
+        pieces.append(VIDEO_LINE)
     return _join(pieces)
 
 
@@ -291,7 +291,7 @@ def _finish(row: dict, body: dict, default_id: str) -> dict:
     user = next(m["content"] for m in messages if m["role"] == "user")
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     sample = {"id": _row_id(row, default_id), "videos": videos, "messages": messages,
-              "question": _PLACEHOLDER.sub("", user).strip(), "caption": answers[-1].strip() if answers else None,
+              "question": _VIDEO_AS_WRITTEN.sub("", user).strip(), "caption": answers[-1].strip() if answers else None,
               "meta": body.pop("meta")}
     split = _optional(row, "split", str)
     if split is not None:
@@ -400,8 +400,10 @@ def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[dict], list[di
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown annotation format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
     path = Path(path)
-    samples, errors, first_line = [], [], {}
-    for line, row, problem in _rows(path):
+    samples, errors, first_seen = [], [], {}
+    # A row's default id is the file's stem and the row's position in it, not its line: a JSON array written on one
+    # line (json.dump's default) holds every row on line 1. Errors still name the line, which is where one looks.
+    for position, (line, row, problem) in enumerate(_rows(path), 1):
         try:
             if problem:
                 raise RowError("", problem)
@@ -410,15 +412,15 @@ def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[dict], list[di
                     fmt = detect_format(row)
                 except ValueError as error:
                     raise RowError("", str(error)) from None
-            sample = _convert(row, fmt, default_id=f"{path.stem}-{line}")
-            if sample["id"] in first_line:
-                raise RowError("id", f"duplicate id {sample['id']!r} (first at line {first_line[sample['id']]})")
+            sample = _convert(row, fmt, default_id=f"{path.stem}-{position}")
+            if sample["id"] in first_seen:
+                raise RowError("id", f"duplicate id {sample['id']!r} (first at {first_seen[sample['id']]})")
         except RowError as error:
             errors.append({"source": f"{path}:{line}", "field": error.field, "reason": error.reason})
             continue
         except Exception as error:  # noqa: BLE001 - a bug on one odd row must cost that row, not the whole import
             errors.append({"source": f"{path}:{line}", "field": "", "reason": f"internal error: {error!r}"})
             continue
-        first_line[sample["id"]] = line
+        first_seen[sample["id"]] = f"row {position}, line {line}"
         samples.append(sample)
     return samples, errors

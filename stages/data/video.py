@@ -12,10 +12,15 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
 from PIL import Image, ImageOps
 
 FRAME_FACTOR = 2        # fps mode: frame counts are even, as Qwen2-VL merges frame pairs (qwen-vl-utils)
 PATCH_FACTOR = 28       # max_pixels mode: sides are multiples of 28 (Qwen2-VL / Qwen2.5-VL patch 14 x merge 2)
+# libswscale's SIMD paths round differently from its C path (other bytes on an AVX-512 machine than on an AVX2 one)
+# unless told to be bit-exact; checked with av_force_cpu_flags(0) in tests/test_reproducible.py
+EXACT_BICUBIC = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+AUDIO_RATE = 16_000    # Hz, mono: what Whisper-style speech models take
 SKIP_MARGIN = 8         # frames before a wanted one that are never skipped, plus one per decoding thread
 
 
@@ -128,9 +133,9 @@ def probe(container, stream) -> Probe:
 def to_rgb(frame, turns: int, shape: tuple[int, int]) -> np.ndarray:
     """The frame resized to shape (height, width) of the upright picture, bicubic in libswscale as ffmpeg's `scale`
     does (one pass from YUV, no full-size RGB copy), then turned upright: `turns` quarter turns counter-clockwise,
-    as ffmpeg's autorotate applies the stream's rotation metadata."""
+    as ffmpeg's autorotate applies the stream's rotation metadata. Bit-exact: the same bytes on every CPU."""
     height, width = shape[::-1] if turns % 2 else shape
-    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation=EXACT_BICUBIC).to_ndarray()
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
@@ -222,7 +227,7 @@ def sample(path, p: dict) -> Sampled:
     return Sampled(frames, times - known.times[0], indices, info)
 
 
-def read_audio(path, rate: int = 16000) -> np.ndarray:
+def read_audio(path, rate: int = AUDIO_RATE) -> np.ndarray:
     """The first audio stream as float32 mono at `rate` Hz; an empty array when the file has no audio."""
     try:
         with av.open(str(path)) as container:
