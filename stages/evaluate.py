@@ -8,6 +8,7 @@ scale goes to 1000 with one reference per sample).
 import json
 from pathlib import Path
 
+from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer
 
@@ -66,18 +67,19 @@ def write_comparison(out: Path, metrics: dict) -> None:
 
 
 def main() -> None:
+    quiet_libraries()
     # Load
     p = load("evaluate")["evaluate"]
     rows = read_jsonl(MANIFEST / "test.jsonl")
-    seq2seq = json.loads((MODELS / "seq2seq" / "training.json").read_text())
-    vision = json.loads((MODELS / "vlm" / "training.json").read_text())
+    seq2seq_record = json.loads((MODELS / "seq2seq" / "training.json").read_text())
+    vlm_record = json.loads((MODELS / "vlm" / "training.json").read_text())
 
     # Generate
     answers = {
         "seq2seq": answer_seq2seq(str(MODELS / "seq2seq" / "model"), rows, p),
-        "seq2seq_untrained": answer_seq2seq(seq2seq["base_model"], rows, p),
-        "vlm": answer_vlm(str(trained_path(MODELS / "vlm")), vision["family"], rows, p),
-        "vlm_untrained": answer_vlm(vision["base_model"], vision["family"], rows, p),
+        "seq2seq_untrained": answer_seq2seq(seq2seq_record["base_model"], rows, p),
+        "vlm": answer_vlm(str(trained_path(MODELS / "vlm")), vlm_record["family"], rows, p),
+        "vlm_untrained": answer_vlm(vlm_record["base_model"], vlm_record["family"], rows, p),
     }
 
     # Score and save

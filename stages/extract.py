@@ -17,11 +17,10 @@ from tqdm import tqdm
 
 from stages.common.files import atomic_dir, read_jsonl, sha256_file, write_json
 from stages.common.params import load
-from stages.data.video import VideoError, read_audio, sample, sample_images
+from stages.data.video import AUDIO_RATE, VideoError, read_audio, sample, sample_images
 
 RAW = Path("data/raw")
 OUT = Path("data/frames")
-AUDIO_RATE = 16000   # Hz, mono: what Whisper-style speech models take
 
 
 def check(p: dict) -> None:
@@ -55,8 +54,10 @@ def extract_one(video: str, audio: str | None, duration: float | None, p: dict, 
 
 def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> None:
     """Transcripts of every video with audio, and captions for the samples that came without one."""
+    from stages.common.console import quiet_libraries  # before annotate imports transformers (and bitsandbytes)
     from stages.data import annotate  # transformers is only imported when a model is asked for
 
+    quiet_libraries()
     ok = {video: entry for video, entry in report.items() if entry["status"] == "ok"}
     if p["transcribe_model"]:
         transcribe = annotate.transcriber(p["transcribe_model"])

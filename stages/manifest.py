@@ -13,13 +13,12 @@ import jsonschema
 
 from stages.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from stages.common.params import load
-from stages.data.formats import VIDEO  # one per video in the user turns; stages.models.vlm expands it per family
+from stages.data.formats import SPLITS, VIDEO  # VIDEO: one per video in user turns, expanded per family
 
 RAW = Path("data/raw")
 FRAMES = Path("data/frames")
 OUT = Path("data/manifest")
 SCHEMAS = Path(__file__).parent / "schema"
-SPLITS = ("train", "val", "test")
 
 
 def seq2seq_source(sample: dict) -> str:

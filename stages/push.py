@@ -1,6 +1,7 @@
 """push: publish each trained model. Always writes export/<model>/ in Hugging Face Hub layout: safetensors shards of
 at most `push.max_shard_size`, config, tokenizer/processor, and a README.md model card that names the base model, the
-params that trained it, its test metrics, the git commit, and the dvc.lock hashes of the data it was trained on.
+params that trained it, its test metrics and plots (PNG, rendered offline), the git commit, and the dvc.lock hashes
+of the data it was trained on.
 `push.target: hf` then uploads each folder (and with `push.dataset`, the manifest and frames) as one commit per repo.
 
 Output: export/seq2seq/, export/vlm/, export/push.json (the receipt: target, repo, commit id, content hash, and
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
 import yaml
 from transformers import AutoModelForSeq2SeqLM
 
@@ -19,6 +21,7 @@ from stages.common.files import atomic_dir, write_json
 from stages.common.params import load
 from stages.models import vlm
 from stages.results import hub
+from stages.results.plots import render_card_plots
 from stages.training.trainer import trained_path
 
 MODELS = Path("models")
@@ -61,7 +64,8 @@ def export_model(name: str, training: dict, target: Path, max_shard_size: str) -
     model_class.from_pretrained(source).save_pretrained(target, max_shard_size=max_shard_size)
 
 
-def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: dict, dataset: str | None) -> str:
+def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: dict, dataset: str | None,
+               plots: list[Path]) -> str:
     task, processor_class = TASKS[name]
     model_class = vlm.family(training["family"]).MODEL_CLASS.__name__ if name == "vlm" else "AutoModelForSeq2SeqLM"
     base = training["base_model"]
@@ -85,6 +89,7 @@ def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: 
                      for metric, value in scores.items())
     data_rows = "\n".join(f"| `{d['path']}` | `{d['md5']}` |" for d in data)
     commit = f"`{git['commit']}`" + (" (with uncommitted changes)" if git["dirty"] else "") if git["commit"] else "none"
+    images = "\n\n".join(f"![{plot.stem.replace('_', ' ')}](plots/{plot.name})" for plot in plots)
     return f"""---
 {yaml.safe_dump(front, sort_keys=False)}---
 # {name}
@@ -104,6 +109,8 @@ processor = {processor_class}.from_pretrained("<this folder or repo>")
 |---|---|---|
 {rows}
 
+{images}
+
 ## Params
 
 ```yaml
@@ -122,8 +129,8 @@ Git commit: {commit}. Data, with its hashes from `dvc.lock`:
 
 def dataset_files(card: str) -> dict[str, Path | bytes]:
     files: dict[str, Path | bytes] = {"README.md": card.encode()}
-    files |= {f"manifest/{p.name}": p for p in sorted((DATA / "manifest").glob("*.jsonl"))}
-    files |= {f"frames/{p.name}": p for p in sorted((DATA / "frames").iterdir()) if p.is_file()}
+    files |= {f"manifest/{path.name}": path for path in sorted((DATA / "manifest").glob("*.jsonl"))}
+    files |= {f"frames/{path.name}": path for path in sorted((DATA / "frames").iterdir()) if path.is_file()}
     return files
 
 
@@ -152,6 +159,7 @@ def hub_namespace(p: dict) -> str:
 
 
 def main() -> None:
+    quiet_libraries()
     # Load
     p = load("push")["push"]
     metrics = json.loads(Path("eval/metrics.json").read_text())
@@ -169,8 +177,9 @@ def main() -> None:
             training = json.loads((MODELS / name / "training.json").read_text())
             target = out / name
             export_model(name, training, target, p["max_shard_size"])
+            plots = render_card_plots(target / "plots")   # the card shows them; the Hub renders its own links
             (target / "README.md").write_text(
-                model_card(name, training, metrics, lineage(f"train_{name}"), git, dataset_repo))
+                model_card(name, training, metrics, lineage(f"train_{name}"), git, dataset_repo, plots))
             folders[name] = {f.relative_to(target).as_posix(): f for f in sorted(target.rglob("*")) if f.is_file()}
             receipt["models"][name] = {"path": str(OUT / name), "content_sha256": hub.content_sha256(folders[name])}
 

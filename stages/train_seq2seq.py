@@ -10,6 +10,7 @@ dvclive/train_seq2seq/.
 """
 from pathlib import Path
 
+from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -24,6 +25,7 @@ from stages.models import tiny
 from stages.training import distributed
 from stages.training.trainer import (
     LiveCallback,
+    ProgressBar,
     StepTimer,
     checkpoint_folder,
     last_checkpoint,
@@ -52,6 +54,7 @@ def encode(rows, tokenizer, p) -> list[dict]:
 
 
 def main() -> None:
+    quiet_libraries()
     # Load
     params = load("train_seq2seq")
     p, seed = params["train_seq2seq"], params["base"]["seed"]
@@ -86,6 +89,7 @@ def main() -> None:
             eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
             callbacks=[timer, LiveCallback("dvclive/train_seq2seq")])
+        ProgressBar.replace_printer(trainer, "train_seq2seq")
         resume = last_checkpoint(checkpoints)
         result = trainer.train(resume_from_checkpoint=resume)
 

@@ -11,6 +11,7 @@ training.json, deepspeed.json (with DeepSpeed)}; curves in dvclive/train_vlm/.""
 import functools
 from pathlib import Path
 
+from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
 from transformers import AutoProcessor, Trainer
 
 from stages.common.files import read_jsonl, write_jsonl
@@ -19,6 +20,7 @@ from stages.models import vlm
 from stages.training import distributed, finetune
 from stages.training.trainer import (
     LiveCallback,
+    ProgressBar,
     StepTimer,
     checkpoint_folder,
     last_checkpoint,
@@ -32,6 +34,7 @@ OUT = Path("models/vlm")
 
 
 def main() -> None:
+    quiet_libraries()
     # Load
     params = load("train_vlm")
     p, seed = params["train_vlm"], params["base"]["seed"]
@@ -79,6 +82,7 @@ def main() -> None:
             model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
             data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
             callbacks=[timer, LiveCallback("dvclive/train_vlm")])
+        ProgressBar.replace_printer(trainer, "train_vlm")
         resume = last_checkpoint(checkpoints)
         result = trainer.train(resume_from_checkpoint=resume)
 

@@ -70,6 +70,9 @@ def test_export_is_in_hub_layout_with_a_model_card(exported):
     assert "stages/train_seq2seq.py" not in (exported / "seq2seq" / "README.md").read_text()
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert 0 <= metrics["attribute_accuracy"] <= 1
+    for plot in ("training_loss", "comparison", "cider_d"):              # the card shows its plots, rendered offline
+        assert f"(plots/{plot}.png)" in card
+        assert (exported / "vlm" / "plots" / f"{plot}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_exported_models_load_and_generate_as_from_the_hub(exported, trained):

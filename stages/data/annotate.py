@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-SAMPLING_RATE = 16_000   # of the audio `extract` hands over (Whisper's rate)
+from stages.data.video import AUDIO_RATE  # the rate of the audio `extract` hands over (Whisper's)
+
 CHUNK_SECONDS = 30       # Whisper's window: longer audio goes in as overlapping 30 s chunks, stitched back together
 
 
@@ -21,7 +22,7 @@ def transcriber(model: str):
     def transcribe(audio: np.ndarray) -> str:
         # the rate goes with the samples: a model wanting another one gets them resampled (needs torchaudio);
         # ignore_warning silences the note that chunking seq2seq models is experimental: we chunk deliberately
-        result = asr({"raw": np.asarray(audio, dtype=np.float32), "sampling_rate": SAMPLING_RATE},
+        result = asr({"raw": np.asarray(audio, dtype=np.float32), "sampling_rate": AUDIO_RATE},
                      chunk_length_s=CHUNK_SECONDS, ignore_warning=True)
         return result["text"].strip()
 

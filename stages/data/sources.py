@@ -40,7 +40,7 @@ def store_file(path: Path, videos: Path) -> str:
 
 def store_frames(folder: Path, videos: Path) -> str:
     """Pack a folder of frame images (sorted by name) into a reproducible tar: same images, same bytes, same hash."""
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGES)
+    images = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGES)
     if not images:
         raise SourceError(f"no frame images ({', '.join(sorted(IMAGES))}) in {folder}")
     buffer = io.BytesIO()

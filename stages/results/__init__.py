@@ -1,1 +1,2 @@
-"""What the pipeline hands to people: caption metrics (metrics) and the Hub upload (hub)."""
+"""What the pipeline hands to people: caption metrics (metrics), plots rendered offline (plots) and the Hub upload
+(hub)."""

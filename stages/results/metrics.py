@@ -63,7 +63,7 @@ def meteor(predictions: list[str], references: list[str]) -> float:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    matches = sum(p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references))
+    matches = sum(said.strip().lower() == truth.strip().lower() for said, truth in zip(predictions, references))
     return matches / max(1, len(predictions))
 
 
@@ -76,7 +76,7 @@ def read_attributes(caption: str, vocabulary: dict[str, set[str]]) -> dict[str, 
 def attribute_accuracy(predictions: list[str], truths: list[dict]) -> dict[str, float]:
     """Per-attribute accuracy and their mean (`attribute_accuracy`) over samples with ground-truth attributes."""
     vocabulary = {name: {t[name] for t in truths} for name in truths[0]} if truths else {}
-    read = [read_attributes(p, vocabulary) for p in predictions]
+    read = [read_attributes(said, vocabulary) for said in predictions]
     scores = {f"{name}_accuracy": sum(r[name] == t[name] for r, t in zip(read, truths)) / len(truths)
               for name in vocabulary}
     if scores:
@@ -89,7 +89,7 @@ def caption_scores(predictions: list[str], rows: list[dict]) -> dict[str, float]
     scores = {"bleu": bleu(predictions, references), "rouge_l": rouge_l(predictions, references),
               "cider_d": cider_d(predictions, references), "meteor": meteor(predictions, references),
               "exact_match": exact_match(predictions, references)}
-    with_truth = [(p, row["attributes"]) for p, row in zip(predictions, rows) if "attributes" in row]
+    with_truth = [(said, row["attributes"]) for said, row in zip(predictions, rows) if "attributes" in row]
     if with_truth:
         scores.update(attribute_accuracy(*map(list, zip(*with_truth))))
     return {name: round(value, 4) for name, value in scores.items()}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 from dvclive.plots import Metric
-from transformers import TrainerCallback, TrainingArguments
+from tqdm import tqdm
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from dvclive import Live
 from stages.common.files import write_json
@@ -164,6 +165,37 @@ class StepTimer(TrainerCallback):
 
     def summary(self) -> dict:
         return self.rates(self.total) if self.total["steps"] else {}
+
+
+class ProgressBar(TrainerCallback):
+    """The stage's bar of optimizer steps with the latest training loss, on the main process. It stands in for the
+    Trainer's PrinterCallback (`disable_tqdm` leaves that one), which prints every log line as a dict: dvclive keeps
+    those. `replace_printer` swaps them."""
+
+    def __init__(self, stage: str):
+        self.stage, self.bar = stage, None
+
+    @classmethod
+    def replace_printer(cls, trainer, stage: str) -> None:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(cls(stage))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.stage, unit="step",
+                            mininterval=2)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class LiveCallback(TrainerCallback):
