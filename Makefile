@@ -2,7 +2,7 @@
 VENV := .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup browser repro test test-fast bench
+.PHONY: setup browser repro test test-fast bench fuzz
 setup: $(VENV)/.installed
 
 # tests/test_plots.py opens `dvc plots show` in a real headless browser: Debian's Chromium (root for apt-get)
@@ -28,3 +28,6 @@ test-fast: setup      ## lint and unit tests only, for quick iterations
 
 bench: setup          ## time each stage of a full run and of the no-op rerun
 	python bench/pipeline.py
+
+fuzz: setup           ## the long fuzzing profile (README: Security); its figures go to bench/results/fuzz.json
+	HYPOTHESIS_PROFILE=long FUZZ_STATS=bench/results/fuzz.json python -m pytest tests/test_fuzz.py -q

@@ -10,9 +10,10 @@ metadata the seq2seq model learns from, and the split. Everything follows from `
 bytes, on any machine.
 data/raw/rejects.jsonl lists every row or video of the other sources that could not be used, with its reason.
 """
+from collections import Counter
 from pathlib import Path
 
-from stages.common.files import atomic_dir, write_jsonl
+from stages.common.files import atomic_dir, jsonl_line
 from stages.common.params import load
 from stages.data import sources, synthetic
 
@@ -24,24 +25,27 @@ def main() -> None:
     params = load("collect")
     p, seed = params["collect"], params["base"]["seed"]
 
-    # Build
-    samples, rejects = [], []
-    with atomic_dir(OUT) as out:
+    # Build and save, one sample at a time: an imported annotation file of millions of rows is never held whole
+    counts = Counter()
+    with atomic_dir(OUT) as out, open(out / "samples.jsonl", "w") as samples, \
+            open(out / "rejects.jsonl", "w") as rejects:
         (out / "videos").mkdir()
-        for source in p["sources"]:
-            if source["kind"] == "synthetic":
-                samples += synthetic.generate(p, seed, out / "videos")
-                continue
-            imported, rejected = sources.import_source(source, p["download"], out / "videos")
-            for sample in imported:
-                if sample.get("split") not in ("train", "val", "test"):
-                    sample["split"] = sources.assign_split(sample["id"], p["val_fraction"], p["test_fraction"])
-            samples += imported
-            rejects += rejected
-        # Save
-        write_jsonl(out / "samples.jsonl", samples)
-        write_jsonl(out / "rejects.jsonl", rejects)
-    print(f"collect: {len(samples)} samples, {len(rejects)} rejected -> {OUT}/")
+        for kind, row in rows(p, seed, out / "videos"):
+            (samples if kind == "sample" else rejects).write(jsonl_line(row))
+            counts[kind] += 1
+    print(f"collect: {counts['sample']} samples, {counts['reject']} rejected -> {OUT}/")
+
+
+def rows(p: dict, seed: int, videos: Path):
+    """("sample", sample) and ("reject", record) of every source in order, imported samples with their split."""
+    for source in p["sources"]:
+        if source["kind"] == "synthetic":
+            yield from (("sample", sample) for sample in synthetic.generate(p, seed, videos))
+            continue
+        for kind, row in sources.import_source(source, p["download"], videos, p["max_line_bytes"]):
+            if kind == "sample" and row.get("split") not in ("train", "val", "test"):
+                row["split"] = sources.assign_split(row["id"], p["val_fraction"], p["test_fraction"])
+            yield kind, row
 
 
 if __name__ == "__main__":

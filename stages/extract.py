@@ -7,11 +7,18 @@ Output: data/frames/<sha256>.safetensors per video (uint8 frames, timestamps, fr
 asked), one shard per video to keep DVC's no-op fast, and data/frames/report.json: per video what was decoded (with
 the shard's sha256, so that the report changes whenever a shard does) and the optional transcript and auto-caption,
 or why it was quarantined.
+
+Hostile or broken videos cannot stall or sink the stage: a video whose header claims more than
+`extract.max_source_pixels` or `max_source_frames` is quarantined before decoding, and each video has
+`extract.decode_timeout` seconds in its worker. The pool (pebble's) kills a worker past that limit and starts a fresh
+one, so a decoder hung in C code (which no Python exception can reach) holds one worker for the limit and no longer;
+a decoder that crashes its worker costs that video too, not the run.
 """
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
+from pebble import CONSTS, ProcessExpired, ProcessPool
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
@@ -21,6 +28,9 @@ from stages.data.video import AUDIO_RATE, VideoError, read_audio, sample, sample
 
 RAW = Path("data/raw")
 OUT = Path("data/frames")
+# Limits decide whether a video is quarantined, never what a decoded one gives: report.json's params leave them out,
+# so that its bytes (pinned in dvc.lock) do not move when a limit does. Each quarantine names the limit it hit.
+LIMITS = ("decode_timeout", "max_source_pixels", "max_source_frames")
 
 
 def check(p: dict) -> None:
@@ -43,13 +53,35 @@ def extract_one(video: str, audio: str | None, duration: float | None, p: dict, 
             arrays["audio"] = read_audio(RAW / (audio or video), AUDIO_RATE)
     except VideoError as error:
         return {"status": "quarantined", "reason": str(error)}
-    save_file(arrays, str(out / f"{key}.safetensors"))
+    # written aside, then renamed: a worker killed at its time limit leaves no half shard under the final name
+    save_file(arrays, str(out / f"{key}.safetensors.partial"))
+    os.replace(out / f"{key}.safetensors.partial", out / f"{key}.safetensors")
     entry = {"status": "ok", "shard": f"{key}.safetensors", "shard_sha256": sha256_file(out / f"{key}.safetensors"),
              "frames": int(len(sampled.frames)),
              "timestamps": [round(t, 4) for t in sampled.timestamps.tolist()], **sampled.info}
     if p["audio"]:
         entry["audio_seconds"] = round(len(arrays["audio"]) / AUDIO_RATE, 3)
     return entry
+
+
+def pool_timeout(limit: float) -> float:
+    """What to ask pebble for so that a worker is killed within `limit`: it looks at its tasks' clocks every
+    CONSTS.sleep_unit (0.1 s), so a kill lands up to that much after the timeout; two units less keeps it inside."""
+    return max(limit - 2 * CONSTS.sleep_unit, CONSTS.sleep_unit)
+
+
+def outcome(future, p: dict, shard: Path) -> dict:
+    """The report entry of one scheduled video: its own, or a quarantine when its worker was killed at the time
+    limit or died (a crash in the decoder); then no shard of it, whole or half, stays behind."""
+    try:
+        return future.result()
+    except FutureTimeout:
+        reason = f"decode timed out (over extract.decode_timeout={p['decode_timeout']:g} s)"
+    except ProcessExpired as error:
+        reason = f"decoder crashed (worker exit code {error.exitcode})"
+    for path in (shard, shard.with_name(shard.name + ".partial")):
+        path.unlink(missing_ok=True)
+    return {"status": "quarantined", "reason": reason}
 
 
 def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> None:
@@ -82,15 +114,13 @@ def main() -> None:
     duration = {video: s.get("meta", {}).get("duration") for s in samples for video in s["videos"]}
 
     # Decode, on every core: one video per task, each worker writes its own shard
-    report = {"params": p, "videos": {}}
+    report = {"params": {key: value for key, value in p.items() if key not in LIMITS}, "videos": {}}
     with atomic_dir(OUT) as out:
-        workers = p["workers"] or os.cpu_count()
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            entries = pool.map(extract_one, videos, [audio.get(v) for v in videos], [duration[v] for v in videos],
-                               [p] * len(videos), [out] * len(videos), chunksize=max(1, len(videos) // (8 * workers)))
-            for video, entry in zip(videos, tqdm(entries, total=len(videos), desc="extract", unit="video",
-                                                 mininterval=2)):
-                report["videos"][video] = entry
+        with ProcessPool(max_workers=p["workers"] or os.cpu_count()) as pool:
+            futures = [pool.schedule(extract_one, (video, audio.get(video), duration[video], p, out),
+                                     timeout=pool_timeout(p["decode_timeout"])) for video in videos]
+            for video, future in zip(videos, tqdm(futures, desc="extract", unit="video", mininterval=2)):
+                report["videos"][video] = outcome(future, p, out / f"{Path(video).name.split('.')[0]}.safetensors")
         bad = sorted(v for v, r in report["videos"].items() if r["status"] != "ok")
         report["summary"] = {"videos": len(videos), "ok": len(videos) - len(bad), "quarantined": len(bad)}
         if videos and len(bad) / len(videos) > p["max_bad_fraction"]:

@@ -1,5 +1,11 @@
 """The annotation pipelines on tiny random-init models saved to a folder and loaded back by path, the way a hub id
 is loaded: a tiny Whisper with a real feature extractor and an offline byte-level tokenizer, and the tiny LLaVA."""
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, WhisperForConditionalGeneration, pipeline
@@ -7,7 +13,7 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration, WhisperFo
 from stages.data import annotate
 from stages.data.annotate import captioner, transcriber
 from stages.models.vlm import llava
-from tests.helpers import TINY_VLM, build_whisper
+from tests.helpers import REPO, TINY_VLM, build_whisper
 
 RATE = 16_000
 
@@ -80,3 +86,51 @@ def test_a_missing_model_is_an_error_naming_it(tmp_path):
         transcriber(missing)
     with pytest.raises(OSError, match="no-such-model"):
         captioner(missing, "Describe the video.", 8)
+
+
+# ---------------------------------------------------------------- a model is data, never code
+
+class RunsCode:
+    """Unpickled, this creates a folder: the stand-in for any code a pickle can run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_model_folder_whose_weights_are_a_pickle_is_refused_unrun(whisper, tmp_path):
+    """The real Whisper config and processor beside a pytorch_model.bin that would run code: refused, and the code
+    never ran (safetensors only; torch's weights-only unpickler would refuse it too)."""
+    folder, marker = tmp_path / "evil", tmp_path / "ran"
+    folder.mkdir()
+    for path in Path(whisper).iterdir():
+        if path.suffix != ".safetensors":
+            (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"model.encoder.conv1.weight": RunsCode(marker)}))
+    refused = r"(?s)could not load the automatic-speech-recognition model .*model\.safetensors"
+    with pytest.raises(OSError, match=refused):
+        transcriber(str(folder))
+    assert not marker.exists()
+
+
+def test_a_model_folder_that_ships_its_own_code_is_refused_unrun(tmp_path):
+    folder, marker = tmp_path / "remote", tmp_path / "ran"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForSpeechSeq2Seq": "modeling_evil.EvilModel"}}))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / name).write_text(f"import os\nos.mkdir({str(marker)!r})\n")
+    with pytest.raises((ValueError, OSError), match="trust_remote_code"):
+        transcriber(str(folder))
+    assert not marker.exists()
+
+
+def test_no_stage_asks_for_remote_code_or_unpickles():
+    """The loading rule of README's Security section, for every module under stages/: no trust_remote_code=True,
+    no weights_only=False, no pickle."""
+    risky = re.compile(r"trust_remote_code\s*=\s*True|weights_only\s*=\s*False|\bimport pickle\b|pickle\.loads?\(")
+    found = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "stages").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1) if risky.search(line)]
+    assert found == []

@@ -1,12 +1,23 @@
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from io import BytesIO
+from pathlib import Path
 
+import psutil
 import pytest
+from pebble import ProcessPool
+from PIL import Image
 from safetensors.numpy import load_file
 
 from stages import extract
 from stages.common.files import read_jsonl, sha256_file, write_jsonl
-from tests.helpers import TINY_VLM, add_broken_video, build_whisper, ffmpeg, write_params
+from tests.helpers import REPO, TINY_VLM, add_broken_video, build_whisper, ffmpeg, make_video, write_params
 
 
 def test_one_shard_per_video_with_the_params_frames(workspace):
@@ -102,3 +113,130 @@ def test_fps_mode_and_the_qwen_size_rule_through_the_stage(workspace):
     assert frames.shape == (8, 56, 56, 3)                     # 2 s x 4 fps; 64 px rounded to a multiple of 28
     assert entry["frames"] == 8 and entry["timestamps"][-1] == 1.875
     assert entry["shard_sha256"] == sha256_file(workspace / "data/frames" / entry["shard"])
+
+
+# ---------------------------------------------------------------- hostile videos: every decode is bounded
+
+def add_samples(workspace, names) -> list[str]:
+    """One collected sample per file name already placed in data/raw/videos/; their paths as samples.jsonl has them."""
+    samples = read_jsonl(workspace / "data/raw/samples.jsonl")
+    added = [{**samples[0], "id": f"hostile-{i}", "videos": [f"videos/{name}"]} for i, name in enumerate(names)]
+    write_jsonl(workspace / "data/raw/samples.jsonl", samples + added)
+    return [f"videos/{name}" for name in names]
+
+
+def run_stage(workspace, limit_s: float) -> float:
+    """`python -m stages.extract` in the workspace, as dvc runs it; its wall time. A hang fails the test at limit_s."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "stages.extract"], cwd=workspace, env={**os.environ, "PYTHONPATH": str(REPO)},
+                   check=True, timeout=limit_s, capture_output=True)
+    return time.monotonic() - started
+
+
+def test_hung_huge_and_endless_videos_are_quarantined_within_their_limits(workspace):
+    videos = workspace / "data/raw/videos"
+    os.mkfifo(videos / ("a" * 64 + ".mp4"))   # nobody writes: opening it blocks in the kernel, out of Python's reach
+    (videos / ("b" * 64 + ".y4m")).write_bytes(b"YUV4MPEG2 W16000 H16000 F25:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(999))
+    make_video(videos / ("c" * 64 + ".mp4"), seconds=3, size="16x16", rate=1000)         # 3000 frames, counted in mp4
+    make_video(videos / ("d" * 64 + ".mkv"), seconds=3, size="16x16", rate=1000)         # mkv: found by the packets
+    fifo, huge, claimed, counted = add_samples(workspace, sorted(p.name for p in videos.glob("[abcd]" * 64 + ".*")))
+    timeout = 3.0
+    write_params(workspace, {"extract": {"decode_timeout": timeout, "max_source_frames": 2000, "workers": 2,
+                                         "max_bad_fraction": 0.5}})
+    elapsed = run_stage(workspace, limit_s=60)
+    report = json.loads((workspace / "data/frames/report.json").read_text())
+    reasons = {video: entry.get("reason") for video, entry in report["videos"].items()}
+    assert reasons[fifo] == f"decode timed out (over extract.decode_timeout={timeout:g} s)"
+    assert reasons[huge] == "claims 16000x16000 pixels, over extract.max_source_pixels=67108864"   # the default
+    assert reasons[claimed] == "claims 3000 frames, over extract.max_source_frames=2000"
+    assert reasons[counted] == "has at least 2001 frames, over extract.max_source_frames=2000"
+    assert report["summary"] == {"videos": 28, "ok": 24, "quarantined": 4}   # every other video finished
+    assert "decode_timeout" not in report["params"]   # limits are not what a decoded video depends on
+    assert sorted(p.name for p in (workspace / "data/frames").iterdir() if "partial" in p.name) == []
+    # the hung worker was held for its limit, then replaced: the stage did not wait on it much longer
+    assert elapsed < timeout + 20, f"extract took {elapsed:.1f} s with decode_timeout={timeout}"
+
+
+def test_a_decoder_that_crashes_its_worker_costs_that_video_only(workspace, tmp_path):
+    """A worker killed from outside (as a segfault in libav would end it) is reported, and the pool goes on."""
+    videos = workspace / "data/raw/videos"
+    os.mkfifo(videos / ("e" * 64 + ".mp4"))
+    (video,) = add_samples(workspace, ["e" * 64 + ".mp4"])
+    write_params(workspace, {"extract": {"decode_timeout": 60, "workers": 2, "max_bad_fraction": 0.5}})
+    process = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=workspace,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (holder := fifo_opener(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert holder, "no worker opened the FIFO"
+    os.kill(holder, signal.SIGKILL)
+    assert process.wait(timeout=60) == 0
+    report = json.loads((workspace / "data/frames/report.json").read_text())
+    assert report["videos"][video]["reason"] == "decoder crashed (worker exit code -9)"
+    assert report["summary"]["ok"] == 24
+
+
+def test_a_hung_decoder_holds_its_worker_no_longer_than_decode_timeout(tmp_path, monkeypatch):
+    """From the moment the worker blocks on the FIFO to the moment it is gone: within the limit, not past it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/raw/videos").mkdir(parents=True)
+    os.mkfifo(tmp_path / "data/raw/videos" / ("a" * 64 + ".mp4"))
+    p = {"num_frames": 4, "frame_size": 16, "audio": False, "decode_timeout": 1.5}
+    with ProcessPool(max_workers=1) as pool:
+        pool.schedule(len, ("warm",)).result()   # the worker is up before the clock starts
+        (worker,) = psutil.Process().children()
+        future = pool.schedule(extract.extract_one, (f"videos/{'a' * 64}.mp4", None, None, p, tmp_path),
+                               timeout=extract.pool_timeout(p["decode_timeout"]))
+        while Path(f"/proc/{worker.pid}/wchan").read_text() != "wait_for_partner":
+            time.sleep(0.001)
+        blocked = time.monotonic()
+        entry = extract.outcome(future, p, tmp_path / "x.safetensors")
+        while worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.001)
+        held = time.monotonic() - blocked
+    assert entry == {"status": "quarantined", "reason": "decode timed out (over extract.decode_timeout=1.5 s)"}
+    assert 1.0 < held <= 1.5, f"the hung worker was held {held:.3f} s"
+
+
+def fifo_opener(stage: int) -> int | None:
+    """The worker of the stage process that is blocked opening a FIFO (the kernel's wait_for_partner), if any."""
+    for child in psutil.Process(stage).children(recursive=True):
+        try:
+            if Path(f"/proc/{child.pid}/wchan").read_text() == "wait_for_partner":
+                return child.pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("member, reason", [
+    ("/etc/passwd", "path leaves the archive folder"),
+    ("../../outside.png", "path leaves the archive folder"),
+    ("frames/../../x.png", "path leaves the archive folder"),
+    ("link", "links are refused"),
+    ("hard", "links are refused"),
+    ("fifo", "not a file (device or FIFO)"),
+])
+def test_frame_archives_with_escaping_names_or_links_are_quarantined(workspace, tmp_path, member, reason):
+    tar_path = workspace / "data/raw/videos" / ("f" * 64 + ".tar")
+    image = tmp_path / "frame.png"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(image)
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(image, "000000.png")
+        info = tarfile.TarInfo(member)
+        if member == "link":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif member == "hard":
+            info.type, info.linkname = tarfile.LNKTYPE, "000000.png"
+        elif member == "fifo":
+            info.type = tarfile.FIFOTYPE
+        data = image.read_bytes() if info.isfile() else b""
+        info.size = len(data)
+        tar.addfile(info, BytesIO(data))
+    (video,) = add_samples(workspace, [tar_path.name])
+    write_params(workspace, {"extract": {"max_bad_fraction": 0.5}})
+    extract.main()
+    entry = json.loads((workspace / "data/frames/report.json").read_text())["videos"][video]
+    assert entry["status"] == "quarantined" and entry["reason"].endswith(reason)
+    assert entry["reason"].startswith(f"frame archive member {member!r}")

@@ -5,6 +5,7 @@ request log start empty; the log lets a test assert how many attempts the client
 """
 import email.utils
 import hashlib
+import re
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.data.fetch import FetchError, check_url, download
+from stages.data.fetch import FetchError, check_url, download, refusal
 
 BODY = bytes(range(256)) * 400  # 102,400 bytes, not all equal so a wrong offset shows
 CAP = 200_000
@@ -126,15 +127,30 @@ ROUTES = {
     "/stall": Handler.stall,
     "/huge": lambda h, n: h.send_body(b"", headers={"Content-Length": str(CAP + 1)}, length=False),
     "/liar": Handler.liar,
+    "/redirect": lambda h, n: h.send_body(b"", 302, {"Location": h.server.redirect_to}),
+    "/loop": lambda h, n: h.send_body(b"", 302, {"Location": "/loop.mp4"}),
+    "/host": lambda h, n: h.send_body(h.headers["Host"].encode()),   # echoes the Host header it was sent
 }
 FAST = {"max_bytes": CAP, "timeout": 0.3, "retries": 3, "backoff": 0.01}
 
 
 @pytest.fixture
 def server():
+    yield from serve()
+
+
+@pytest.fixture
+def second_server():
+    """Another local server, on a port that the first one's allow-list does not name."""
+    yield from serve()
+
+
+def serve():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: the OS picks a free one
-    httpd.lock, httpd.log, httpd.counts, httpd.if_range = threading.Lock(), [], {}, []
+    httpd.lock, httpd.log, httpd.counts, httpd.if_range, httpd.redirect_to = threading.Lock(), [], {}, [], ""
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    # the server's own port is allowed, as collect.download.allow_private would list it; no other local port is
+    httpd.fast = dict(FAST, allow_private=[f"127.0.0.1:{httpd.server_address[1]}"])
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd
@@ -158,7 +174,7 @@ def leave_partial(folder: Path, url: str, data: bytes) -> None:
 
 
 def test_ok_is_stored_content_addressed(server, tmp_path):
-    path = download(server.base + "/ok.mp4", tmp_path, **FAST)
+    path = download(server.base + "/ok.mp4", tmp_path, **server.fast)
     assert path == tmp_path / (hashlib.sha256(BODY).hexdigest() + ".mp4")
     assert path.read_bytes() == BODY
     assert server.log == [("/ok.mp4", None)]
@@ -168,13 +184,13 @@ def test_ok_is_stored_content_addressed(server, tmp_path):
 @pytest.mark.parametrize("name, ext", [("/ok.MP4", ".mp4"), ("/ok.webm?x=1", ".webm"), ("/ok.exe", ".bin"),
                                        ("/ok", ".bin")])
 def test_extension_from_url_path(server, tmp_path, name, ext):
-    assert download(server.base + name, tmp_path, **FAST).name == hashlib.sha256(BODY).hexdigest() + ext
+    assert download(server.base + name, tmp_path, **server.fast).name == hashlib.sha256(BODY).hexdigest() + ext
 
 
 def test_same_bytes_from_two_urls_give_one_file(server, tmp_path):
-    first = download(server.base + "/ok.mp4", tmp_path, **FAST)
-    second = download(server.base + "/copy.mp4", tmp_path, **FAST)
-    other = download(server.base + "/other.mp4", tmp_path, **FAST)
+    first = download(server.base + "/ok.mp4", tmp_path, **server.fast)
+    second = download(server.base + "/copy.mp4", tmp_path, **server.fast)
+    other = download(server.base + "/other.mp4", tmp_path, **server.fast)
     assert first == second != other
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == sorted([first.name, other.name])
     assert partial_files(tmp_path) == []
@@ -182,19 +198,19 @@ def test_same_bytes_from_two_urls_give_one_file(server, tmp_path):
 
 def test_missing_fails_at_once(server, tmp_path):
     with pytest.raises(FetchError, match=r"^HTTP 404 Not Found$"):
-        download(server.base + "/missing.mp4", tmp_path, **FAST)
+        download(server.base + "/missing.mp4", tmp_path, **server.fast)
     assert len(server.log) == 1
 
 
 def test_forbidden_fails_at_once(server, tmp_path):
     with pytest.raises(FetchError, match=r"^HTTP 403 Forbidden$"):
-        download(server.base + "/forbidden.mp4", tmp_path, **FAST)
+        download(server.base + "/forbidden.mp4", tmp_path, **server.fast)
     assert len(server.log) == 1
 
 
 def test_busy_honours_retry_after_then_succeeds(server, tmp_path):
     started = time.monotonic()
-    path = download(server.base + "/busy.mp4", tmp_path, **dict(FAST, backoff=5))  # Retry-After: 0 wins over 5 s
+    path = download(server.base + "/busy.mp4", tmp_path, **dict(server.fast, backoff=5))  # Retry-After: 0 wins over 5 s
     assert time.monotonic() - started < 2
     assert path.read_bytes() == BODY
     assert len(server.log) == 3
@@ -202,7 +218,7 @@ def test_busy_honours_retry_after_then_succeeds(server, tmp_path):
 
 def test_503_honours_retry_after_as_an_http_date(server, tmp_path, capsys):
     started = time.monotonic()
-    path = download(server.base + "/later.mp4", tmp_path, **FAST)  # FAST's own backoff would wait 0.01 s
+    path = download(server.base + "/later.mp4", tmp_path, **server.fast)  # FAST's own backoff would wait 0.01 s
     assert path.read_bytes() == BODY and len(server.log) == 2
     assert server.retried_at >= email.utils.parsedate_to_datetime(server.retry_at).timestamp()  # not before the date
     assert 1 <= time.monotonic() - started < 3
@@ -210,26 +226,26 @@ def test_503_honours_retry_after_as_an_http_date(server, tmp_path, capsys):
 
 
 def test_flaky_500_is_retried(server, tmp_path):
-    assert download(server.base + "/flaky.mp4", tmp_path, **FAST).read_bytes() == BODY
+    assert download(server.base + "/flaky.mp4", tmp_path, **server.fast).read_bytes() == BODY
     assert len(server.log) == 2
 
 
 def test_persistent_503_reports_status_and_attempts(server, tmp_path):
     with pytest.raises(FetchError, match=r"^HTTP 503 Service Unavailable after 4 attempts$"):
-        download(server.base + "/down.mp4", tmp_path, **FAST)
+        download(server.base + "/down.mp4", tmp_path, **server.fast)
     assert len(server.log) == 4
 
 
 def test_no_retries_means_one_attempt(server, tmp_path):
     with pytest.raises(FetchError, match=r"^HTTP 503 Service Unavailable after 1 attempt$"):
-        download(server.base + "/down.mp4", tmp_path, **dict(FAST, retries=0))
+        download(server.base + "/down.mp4", tmp_path, **dict(server.fast, retries=0))
     assert len(server.log) == 1
 
 
 def test_slow_server_times_out(server, tmp_path):
     started = time.monotonic()
     with pytest.raises(FetchError, match=r"^timed out after 2 attempts \(timeout=0.3 s\)$"):
-        download(server.base + "/slow.mp4", tmp_path, **dict(FAST, retries=1))
+        download(server.base + "/slow.mp4", tmp_path, **dict(server.fast, retries=1))
     assert len(server.log) == 2
     assert time.monotonic() - started < 2 * SLEEP  # the client gave up, it did not wait for the server
 
@@ -237,12 +253,12 @@ def test_slow_server_times_out(server, tmp_path):
 def test_stalled_body_times_out_and_keeps_partial(server, tmp_path):
     url = server.base + "/stall.mp4"
     with pytest.raises(FetchError, match=r"^timed out after 1 attempt \(timeout=0.3 s\)$"):
-        download(url, tmp_path, **dict(FAST, retries=0))
+        download(url, tmp_path, **dict(server.fast, retries=0))
     assert partial_of(tmp_path, url).read_bytes() == BODY[:1000]  # kept for the next run to resume
 
 
 def test_dropped_connection_resumes_with_range(server, tmp_path):
-    path = download(server.base + "/drop.mp4", tmp_path, **FAST)
+    path = download(server.base + "/drop.mp4", tmp_path, **server.fast)
     assert path.read_bytes() == BODY
     assert server.log == [("/drop.mp4", None), ("/drop.mp4", f"bytes={len(BODY) // 2}-")]
     assert partial_files(tmp_path) == []
@@ -252,15 +268,16 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
 def test_a_file_changed_since_the_partial_comes_back_whole(server, tmp_path, validator, sent):
     url = f"{server.base}/changing-{validator}.mp4"
     with pytest.raises(FetchError, match="connection dropped mid-body"):
-        download(url, tmp_path, **dict(FAST, retries=0))        # version 1: half of it kept
-    assert download(url, tmp_path, **FAST).read_bytes() == BODY[::-1]   # version 2 whole, not its tail on version 1
+        download(url, tmp_path, **dict(server.fast, retries=0))        # version 1: half of it kept
+    # version 2 whole, not its tail on version 1
+    assert download(url, tmp_path, **server.fast).read_bytes() == BODY[::-1]
     assert [range_ for _, range_ in server.log] == [None, f"bytes={len(BODY) // 2}-"]
     assert server.if_range == [sent]
     assert list((tmp_path / ".partial").iterdir()) == []      # neither bytes nor validator left behind
 
 
 def test_an_unchanged_file_resumes_under_if_range(server, tmp_path):
-    path = download(server.base + "/steady-etag.mp4", tmp_path, **FAST)
+    path = download(server.base + "/steady-etag.mp4", tmp_path, **server.fast)
     assert path.read_bytes() == BODY
     assert [range_ for _, range_ in server.log] == [None, f"bytes={len(BODY) // 2}-"] and server.if_range == ['"v1"']
     assert list((tmp_path / ".partial").iterdir()) == []
@@ -269,66 +286,66 @@ def test_an_unchanged_file_resumes_under_if_range(server, tmp_path):
 def test_dropped_connection_reported_when_out_of_retries(server, tmp_path):
     url = server.base + "/drop.mp4"
     with pytest.raises(FetchError, match=r"^connection dropped mid-body \(.+\) after 1 attempt$"):
-        download(url, tmp_path, **dict(FAST, retries=0))
+        download(url, tmp_path, **dict(server.fast, retries=0))
     assert partial_of(tmp_path, url).stat().st_size == len(BODY) // 2
 
 
 def test_partial_from_earlier_run_is_resumed(server, tmp_path):
     url = server.base + "/range.mp4"
     leave_partial(tmp_path, url, BODY[:12345])
-    assert download(url, tmp_path, **FAST).read_bytes() == BODY
+    assert download(url, tmp_path, **server.fast).read_bytes() == BODY
     assert server.log == [("/range.mp4", "bytes=12345-")]
 
 
 def test_server_ignoring_range_starts_over(server, tmp_path):
     url = server.base + "/norange.mp4"
     leave_partial(tmp_path, url, BODY[:12345])
-    assert download(url, tmp_path, **FAST).read_bytes() == BODY
+    assert download(url, tmp_path, **server.fast).read_bytes() == BODY
     assert server.log == [("/norange.mp4", "bytes=12345-")]
 
 
 def test_unsatisfiable_range_restarts_from_zero(server, tmp_path):
     url = server.base + "/range.mp4"
     leave_partial(tmp_path, url, BODY + b"stale tail")  # longer than the resource: it changed since
-    assert download(url, tmp_path, **FAST).read_bytes() == BODY
+    assert download(url, tmp_path, **server.fast).read_bytes() == BODY
     assert server.log == [("/range.mp4", f"bytes={len(BODY) + 10}-"), ("/range.mp4", None)]
 
 
 def test_range_answered_with_another_range_starts_over(server, tmp_path):
     url = server.base + "/badrange.mp4"
     leave_partial(tmp_path, url, BODY[:12345])
-    assert download(url, tmp_path, **FAST).read_bytes() == BODY  # not BODY[:12345] + BODY
+    assert download(url, tmp_path, **server.fast).read_bytes() == BODY  # not BODY[:12345] + BODY
     assert server.log == [("/badrange.mp4", "bytes=12345-"), ("/badrange.mp4", None)]
 
 
 def test_content_length_over_cap_fails_at_once(server, tmp_path):
     with pytest.raises(FetchError, match=rf"^larger than max_bytes={CAP} \(Content-Length says {CAP + 1} bytes\)$"):
-        download(server.base + "/huge.mp4", tmp_path, **FAST)
+        download(server.base + "/huge.mp4", tmp_path, **server.fast)
     assert len(server.log) == 1
     assert partial_files(tmp_path) == []
 
 
 def test_stream_over_cap_without_content_length_fails(server, tmp_path):
     with pytest.raises(FetchError, match=rf"^larger than max_bytes={CAP} \(stopped after \d+ bytes\)$"):
-        download(server.base + "/liar.mp4", tmp_path, **FAST)
+        download(server.base + "/liar.mp4", tmp_path, **server.fast)
     assert len(server.log) == 1
     assert partial_files(tmp_path) == []
 
 
 def test_body_of_exactly_max_bytes_is_allowed(server, tmp_path):
-    assert download(server.base + "/ok.mp4", tmp_path, **dict(FAST, max_bytes=len(BODY))).read_bytes() == BODY
+    assert download(server.base + "/ok.mp4", tmp_path, **dict(server.fast, max_bytes=len(BODY))).read_bytes() == BODY
 
 
 def test_checksum_match(server, tmp_path):
     digest = hashlib.sha256(BODY).hexdigest()
-    assert download(server.base + "/ok.mp4", tmp_path, **FAST, sha256=digest.upper()).name == digest + ".mp4"
+    assert download(server.base + "/ok.mp4", tmp_path, **server.fast, sha256=digest.upper()).name == digest + ".mp4"
 
 
 def test_checksum_mismatch(server, tmp_path):
     wrong = "0" * 64
     actual = hashlib.sha256(BODY).hexdigest()
     with pytest.raises(FetchError, match=rf"^sha256 mismatch: expected {wrong}, got {actual}$"):
-        download(server.base + "/ok.mp4", tmp_path, **FAST, sha256=wrong)
+        download(server.base + "/ok.mp4", tmp_path, **server.fast, sha256=wrong)
     assert list(tmp_path.glob("*.mp4")) == [] and partial_files(tmp_path) == []
 
 
@@ -336,7 +353,7 @@ def test_checksum_mismatch(server, tmp_path):
 def test_other_schemes_refused_without_a_request(server, tmp_path, scheme):
     url = server.base.replace("http", scheme, 1) + "/ok.mp4"  # points at our server: any request would show up
     with pytest.raises(FetchError, match=rf"^refused URL scheme {scheme}: only http and https are fetched$"):
-        download(url, tmp_path, **FAST)
+        download(url, tmp_path, **server.fast)
     assert server.log == []
     assert list(tmp_path.iterdir()) == []
 
@@ -362,4 +379,95 @@ def test_connection_refused_is_retried_and_reported(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(FetchError, match=r"^connection failed \(.*refused.*\) after 2 attempts$"):
-        download(f"http://127.0.0.1:{port}/ok.mp4", tmp_path, **dict(FAST, retries=1))
+        download(f"http://127.0.0.1:{port}/ok.mp4", tmp_path,
+                 **dict(FAST, retries=1, allow_private=[f"127.0.0.1:{port}"]))
+
+
+# ---------------------------------------------------------------- outbound requests only where the user allows
+
+def test_a_local_port_not_listed_is_refused_without_a_request(server, tmp_path):
+    with pytest.raises(FetchError, match=r"^refused address 127\.0\.0\.1 of 127\.0\.0\.1:\d+ \(loopback\); .*"
+                                         r"collect\.download\.allow_private"):
+        download(server.base + "/ok.mp4", tmp_path, **FAST)
+    assert server.log == [] and stored(tmp_path) == []
+
+
+def test_a_redirect_to_a_port_not_listed_is_refused_and_nothing_stored(server, second_server, tmp_path):
+    server.redirect_to = second_server.base + "/ok.mp4"
+    refused = rf"^redirected to {second_server.base}/ok\.mp4: refused address 127\.0\.0\.1 of 127\.0\.0\.1:\d+ "
+    with pytest.raises(FetchError, match=refused):
+        download(server.base + "/redirect.mp4", tmp_path, **server.fast)
+    assert server.log == [("/redirect.mp4", None)]   # the allowed hop was asked ...
+    assert second_server.log == []                   # ... the one it pointed at never was
+    assert stored(tmp_path) == []
+
+
+def test_a_redirect_to_a_listed_port_is_followed(server, second_server, tmp_path):
+    server.redirect_to = second_server.base + "/ok.mp4"
+    both = dict(server.fast, allow_private=server.fast["allow_private"] + second_server.fast["allow_private"])
+    assert download(server.base + "/redirect.mp4", tmp_path, **both).read_bytes() == BODY
+    assert second_server.log == [("/ok.mp4", None)]
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://example.com/a.mp4", "gopher://127.0.0.1:70/"])
+def test_a_redirect_to_another_scheme_is_refused(server, tmp_path, location):
+    server.redirect_to = location
+    with pytest.raises(FetchError, match=rf"^redirected to {re.escape(location)}: refused URL scheme"):
+        download(server.base + "/redirect.mp4", tmp_path, **server.fast)
+    assert stored(tmp_path) == []
+
+
+def test_a_redirect_loop_ends(server, tmp_path):
+    with pytest.raises(FetchError, match=r"^more than 5 redirects$"):
+        download(server.base + "/loop.mp4", tmp_path, **server.fast)
+    assert len(server.log) == 6 and stored(tmp_path) == []
+
+
+@pytest.mark.parametrize("answers", [["127.0.0.1"], ["10.1.2.3"], ["169.254.169.254"], ["93.184.216.34", "127.0.0.1"],
+                                     ["::1"], ["::ffff:127.0.0.1"]])
+def test_a_name_that_resolves_to_a_private_address_is_refused(server, tmp_path, answers):
+    """The resolver hook stands in for DNS: a public-looking name whose answer (or one of them) is private."""
+    url = f"http://videos.example.com:{server.server_address[1]}/ok.mp4"
+    with pytest.raises(FetchError, match=r"^refused address \S+ of videos\.example\.com:\d+ \("):
+        download(url, tmp_path, **server.fast, resolver=lambda host, port: answers)
+    assert server.log == [] and stored(tmp_path) == []
+
+
+def test_a_redirect_to_a_name_that_resolves_to_the_metadata_address_is_refused(server, tmp_path):
+    server.redirect_to = "http://metadata.example.com/latest/meta-data/"
+    answers = {"127.0.0.1": ["127.0.0.1"], "metadata.example.com": ["169.254.169.254"]}
+    with pytest.raises(FetchError, match=r"refused address 169\.254\.169\.254 of metadata\.example\.com:80 "
+                                         r"\(link-local\)"):
+        download(server.base + "/redirect.mp4", tmp_path, **server.fast, resolver=lambda host, port: answers[host])
+    assert stored(tmp_path) == []
+
+
+def test_the_connection_goes_to_the_checked_address_not_a_new_lookup(server, tmp_path):
+    """`.invalid` never resolves (RFC 6761): the download can only work by connecting to the address our resolver
+    returned and checked, and the server still sees the URL's host in Host."""
+    port = server.server_address[1]
+    lookups = []
+
+    def resolver(host, port_):
+        lookups.append(host)
+        return ["127.0.0.1"]
+    allowed = dict(FAST, allow_private=[f"rebind.invalid:{port}"])
+    path = download(f"http://rebind.invalid:{port}/host.mp4", tmp_path, **allowed, resolver=resolver)
+    assert path.read_bytes() == f"rebind.invalid:{port}".encode() and lookups == ["rebind.invalid"]
+
+
+@pytest.mark.parametrize("address, kind", [
+    ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
+    ("10.0.0.1", "private"), ("172.16.5.4", "private"), ("192.168.1.1", "private"), ("fc00::1", "private"),
+    ("169.254.169.254", "link-local"), ("fe80::1%eth0", "link-local"), ("224.0.0.251", "multicast"),
+    ("ff02::1", "multicast"), ("240.0.0.1", "reserved"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("100.64.0.1", "not global"), ("198.18.0.1", "private"),
+    ("93.184.216.34", None), ("2606:4700::1111", None), ("8.8.8.8", None),
+])
+def test_refusal_names_the_kind_of_address(address, kind):
+    assert refusal(address) == kind
+
+
+def stored(folder: Path) -> list[Path]:
+    """Every file a download left in `folder`: stored videos and partial files alike."""
+    return sorted(path for path in folder.rglob("*") if path.is_file())

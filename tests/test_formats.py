@@ -345,3 +345,104 @@ def test_odd_bytes_are_row_errors_too(tmp_path):
 def test_an_unknown_format_name_is_a_caller_error(tmp_path):
     with pytest.raises(ValueError, match="unknown annotation format 'csv'"):
         read_annotations(write_lines(tmp_path / "x.jsonl", []), "csv")
+
+
+# ---------------------------------------------------------------- bounded memory: files are read streaming
+
+ROW = {"video": "a.mp4", "question": "What?", "caption": "A [tricky] {caption} with \"quotes\" and \\ slashes"}
+BIG_ROW = {**ROW, "caption": "a long caption, " * 640}   # 10 kB
+
+
+def test_a_line_over_max_line_bytes_is_a_reject_with_its_line_and_the_next_lines_go_on(tmp_path):
+    huge = json.dumps({**ROW, "caption": "x" * 5000})
+    path = write_lines(tmp_path / "long.jsonl", [ROW, huge, ROW | {"id": "after"}, huge + " ", ROW | {"id": "last"}])
+    samples, errors = read_annotations(path, max_line_bytes=4096)
+    assert_errors(errors, {2: ("", "line longer than collect.max_line_bytes=4096 bytes"),
+                           4: ("", "line longer than collect.max_line_bytes=4096 bytes")})
+    assert [s["id"] for s in samples] == ["long-1", "after", "last"]
+    assert len(read_annotations(path, max_line_bytes=len(huge) + 1)[0]) == 5   # the limit is the limit: no less
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+def test_a_json_array_item_over_the_limit_is_a_reject_and_the_next_items_go_on(tmp_path, indent):
+    """The oversize item is read past by its brackets, with brackets, quotes and escapes inside its strings."""
+    rows = [ROW | {"id": "first"}, {**ROW, "id": "big", "caption": '[{"\\' * 3000}, ROW | {"id": "next"},
+            {**ROW, "id": "deep", "meta": {"a": [[{"b": "]}"}] * 500]}}, ROW | {"id": "last"}]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps(rows, indent=indent))
+    samples, errors = read_annotations(path, max_line_bytes=4096)
+    assert [s["id"] for s in samples] == ["first", "next", "last"]
+    assert [e["reason"] for e in errors] == ["item 2: longer than collect.max_line_bytes=4096 bytes",
+                                             "item 4: longer than collect.max_line_bytes=4096 bytes"]
+    if indent:   # the line where each of them starts
+        starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line == " {"]
+        assert [int(e["source"].rsplit(":", 1)[1]) for e in errors] == [starts[1], starts[3]]
+
+
+def test_a_file_that_ends_inside_an_oversize_item_says_so(tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text('[{"video": "a.mp4", "question": "Q"}, {"video": "' + "x" * 10_000)
+    samples, errors = read_annotations(path, max_line_bytes=4096)
+    assert len(samples) == 1
+    assert [e["reason"] for e in errors] == ["item 2: longer than collect.max_line_bytes=4096 bytes",
+                                             "invalid JSON: the file ends inside item 2"]
+
+
+@pytest.mark.parametrize("name, write", [
+    ("one_line.jsonl", lambda f: f.write(b'{"video": "a.mp4", "question": "' + b"x" * (1 << 20) * 48 + b'"}\n')),
+    ("array.json", lambda f: [f.write((b"[" if i == 0 else b",\n") + json.dumps(BIG_ROW).encode()) for i in range(4000)]
+     and f.write(b"]")),
+])
+def test_reading_holds_one_row_not_the_file(tmp_path, name, write):
+    """A 48 MB line, and a 40 MB array of 4,000 rows of 10 kB: peak Python memory stays a few MB while streaming (the
+    old reader held the whole file). bench/annotations.py measures the resident memory of a 1M-row file."""
+    import tracemalloc
+
+    from stages.data.formats import iter_annotations
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        write(f)
+    tracemalloc.start()
+    try:
+        counts = [0, 0]
+        for sample, _ in iter_annotations(path, max_line_bytes=1 << 20):
+            counts[sample is None] += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert counts == ([0, 1] if name == "one_line.jsonl" else [4000, 0])
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MB for a file of {path.stat().st_size / 2**20:.0f} MB"
+
+
+def test_an_oversize_number_item_is_read_past_to_its_own_end(tmp_path):
+    """A number has no brackets to count: the skip stops at the comma, so the next item is not swallowed."""
+    path = tmp_path / "numbers.json"
+    path.write_text("[1." + "7" * 10_000 + ", " + json.dumps(ROW | {"id": "after"}) + "]")
+    samples, errors = read_annotations(path, max_line_bytes=4096)
+    assert [s["id"] for s in samples] == ["after"]
+    assert [e["reason"] for e in errors] == ["item 1: longer than collect.max_line_bytes=4096 bytes"]
+
+
+@pytest.mark.parametrize("name", ["ints.jsonl", "ints.json"])
+def test_an_integer_of_more_digits_than_python_converts_is_a_reject_not_a_crash(tmp_path, name):
+    """json raises ValueError, not JSONDecodeError, past Python's 4300-digit limit: once, that escaped the reader."""
+    rows = [{**ROW, "id": "huge", "meta": {"n": "__N__"}}, ROW | {"id": "after"}, [[[1]]] * 3]
+    text = json.dumps(rows) if name.endswith(".json") else "\n".join(json.dumps(r) for r in rows)
+    (tmp_path / name).write_text(text.replace('"__N__"', "9" * 5000))
+    samples, errors = read_annotations(tmp_path / name)
+    assert [s["id"] for s in samples] == ["after"]
+    assert errors[0]["reason"].endswith("invalid JSON: an integer of more than 4300 digits")
+    assert len(errors) == 2 and "expected a JSON object, got list" in errors[1]["reason"]
+
+
+@pytest.mark.parametrize("number", ["1.5e-07", "-12.25", "1234567", "1E+300"])
+def test_a_number_item_cut_by_a_chunk_boundary_is_read_whole(tmp_path, number):
+    """Padding puts the chunk boundary (64 kB) inside the number, at every place in it: "1.5e" parses too."""
+    from stages.data.formats import _CHUNK
+    kind = type(json.loads(number)).__name__
+    for cut in range(1, len(number)):
+        path = tmp_path / "cut.json"
+        path.write_bytes(b"[" + b" " * (_CHUNK - 1 - cut) + number.encode() + b', {"video": "a.mp4"}]')
+        samples, errors = read_annotations(path, "triplets")
+        assert [e["reason"] for e in errors] == [f"item 1: expected a JSON object, got {kind}",
+                                                 "missing required key"], (cut, errors)

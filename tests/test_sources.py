@@ -56,6 +56,15 @@ def test_url_lists_with_checksums_comments_and_refused_schemes(tmp_path):
                         "reason": "refused URL scheme file: only http and https are fetched"}]
 
 
+def test_url_lists_are_read_line_by_line_and_a_line_over_the_limit_is_a_reject(tmp_path):
+    (tmp_path / "urls.txt").write_bytes(b"https://example.com/a.mp4\n" + b"https://example.com/" + b"x" * 5000
+                                        + b".mp4\n" + b"https://example.com/caf\xe9.mp4\nhttps://example.com/b.mp4\n")
+    samples, rejects = sources.url_samples({"kind": "urls", "file": "urls.txt"}, tmp_path, max_line_bytes=1024)
+    assert [s["videos"] for s in samples] == [["https://example.com/a.mp4"], ["https://example.com/b.mp4"]]
+    assert [(r["source"].rsplit(":", 1)[1], r["field"]) for r in rejects] == [("2", "url"), ("3", "url")]
+    assert rejects[0]["reason"] == "line longer than collect.max_line_bytes=1024 bytes, or not UTF-8"
+
+
 def test_splits_follow_the_id_not_the_order():
     drawn = [sources.assign_split(f"clip-{i}", 0.1, 0.2) for i in range(2000)]
     assert abs(drawn.count("test") / 2000 - 0.2) < 0.03 and abs(drawn.count("val") / 2000 - 0.1) < 0.03
@@ -191,7 +200,9 @@ def test_every_source_kind_and_format_through_dvc_repro(tmp_path_factory, server
         {**corpus, "annotations": "sharegpt.jsonl"}, {**corpus, "annotations": "manifest_v1.jsonl"},
         {**corpus, "annotations": "openai.jsonl"}, {"kind": "urls", "folder": "data/sources/corpus",
                                                     "file": "urls.txt"}]
-    params["collect"]["download"].update(timeout=1, retries=2, backoff=0.05)
+    # the test server's own port is listed: 127.0.0.1 is refused unless collect.download.allow_private names it
+    params["collect"]["download"].update(timeout=1, retries=2, backoff=0.05,
+                                         allow_private=[f"127.0.0.1:{server.server_address[1]}"])
     params["extract"].update(max_bad_fraction=0.5, audio=True)
     with open(repo / "params.yaml", "w") as f:
         yaml.dump(params, f)

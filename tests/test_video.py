@@ -170,6 +170,26 @@ def test_broken_files_raise_video_error(tmp_path, content, reason):
         sample(path, SQUARE)
 
 
+def test_a_codec_without_a_decoder_is_a_video_error_not_a_crash(tmp_path):
+    """The MPEG-4 FourCC of an AVI renamed to one libav does not know: PyAV gives the stream no codec context (found
+    by tests/test_fuzz.py, where it raised AttributeError out of extract)."""
+    path = make_video(tmp_path / "a.avi", seconds=1, size="32x24", codec="mpeg4")
+    path.write_bytes(path.read_bytes().replace(b"FMP4", b"ZZZZ"))
+    with pytest.raises(VideoError, match="^no decoder for the video stream's codec$"):
+        sample(path, SQUARE)
+
+
+@pytest.mark.parametrize("claim, reason", [
+    ("W16000 H16000", "claims 16000x16000 pixels, over extract.max_source_pixels=67108864"),
+    ("W9000 H9000", "claims 9000x9000 pixels, over extract.max_source_pixels=67108864"),
+])
+def test_a_header_claiming_huge_frames_is_refused_before_decoding(tmp_path, claim, reason):
+    path = tmp_path / "huge.y4m"
+    path.write_bytes(f"YUV4MPEG2 {claim} F25:1 Ip A1:1 C420jpeg\nFRAME\n".encode() + bytes(999))
+    with pytest.raises(VideoError, match=f"^{reason}$"):
+        sample(path, {**SQUARE, "max_source_pixels": 8192 * 8192})
+
+
 def test_truncated_file_raises_video_error(moving_square):
     data = moving_square.read_bytes()
     moving_square.write_bytes(data[: len(data) // 2])

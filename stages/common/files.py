@@ -46,7 +46,12 @@ def write_json(path, data) -> None:
 def write_jsonl(path, rows) -> None:
     with open(path, "w") as f:
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(jsonl_line(row))
+
+
+def jsonl_line(row) -> str:
+    """One JSONL line, as every stage writes them (keys sorted: the same row gives the same bytes)."""
+    return json.dumps(row, sort_keys=True) + "\n"
 
 
 def read_jsonl(path) -> list[dict]:

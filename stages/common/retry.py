@@ -6,8 +6,8 @@ the server said how long in Retry-After (seconds or an HTTP date); either wait i
 server must not stall a stage for hours. Each retry prints one line: what, why, which try, how long.
 
 Which layer owns which retry (one layer per request, so that no request is retried by two of them):
-- fetch (the `collect` downloads): this policy, around each attempt. The requests.Session is a plain one, whose
-  HTTPAdapter has max_retries=0 (urllib3 Retry(0, read=False)): requests and urllib3 never retry on their own.
+- fetch (the `collect` downloads): this policy, around each attempt. Its HTTPAdapter (fetch.PinnedAdapter) has
+  max_retries=0 (urllib3 Retry(0, read=False)): requests and urllib3 never retry on their own.
 - hub (the `push` upload), huggingface_hub 2.4.0: its `http_backoff` (utils/_http.py) retries 408, 429, 5xx,
   timeouts and network errors itself (5 retries, 1 s doubling to 8 s, or Retry-After + 1 s uncapped) for the listings
   (list_repo_commits, list_repo_files: utils/_pagination.py), preupload_lfs_files and the LFS transfers (hf_xet

@@ -45,9 +45,15 @@ def captioner(model: str, prompt: str, max_new_tokens: int):
 
 
 def _load(task: str, model: str):
-    """The pipeline for `task` from a hub id or a local folder, on the first GPU when there is one."""
+    """The pipeline for `task` from a hub id or a local folder, on the first GPU when there is one.
+
+    A model is data, never code: weights load from safetensors only (a pickled .bin can run code when unpickled),
+    and a checkpoint that ships its own modeling code is refused rather than run (trust_remote_code=False)."""
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     try:
-        return pipeline(task, model=model, device=device)
-    except OSError as error:   # e.g. a path that is not there, reported as a bad hub id or a failed download
+        return pipeline(task, model=model, device=device, trust_remote_code=False,
+                        model_kwargs={"use_safetensors": True})
+    # OSError: e.g. a path that is not there, reported as a bad hub id or a failed download; ValueError: the pipeline
+    # tried every model class and each refused (no model.safetensors, or code it will not run)
+    except (OSError, ValueError) as error:
         raise OSError(f"could not load the {task} model {model!r}: {error}") from error

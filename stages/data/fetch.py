@@ -11,16 +11,25 @@ Why it works the way it does:
 - No silent drops: every way a URL can fail ends in FetchError with a reason a person can act on (HTTP status,
   timeout, size cap, checksum, refused scheme) and the number of attempts, which collect records in
   data/raw/rejects.jsonl instead of skipping the URL quietly.
+- Outbound requests only where the user allows (issue 21): every hop, the first URL and each redirect, is resolved
+  and refused when an answer is a loopback, private, link-local, multicast, reserved or otherwise non-global address,
+  unless its host:port is in `collect.download.allow_private`. The connection then goes to the very address that was
+  checked (the adapter pins it; the URL's host stays in the Host header, TLS SNI and the certificate check), so a
+  second DNS answer cannot swap in another one. Redirects are followed here, hop by hop, never by requests itself.
+  Proxies from the environment are not used: a proxy would make the connection, out of our sight.
 - Transient failures (429, 5xx, dropped or timed-out connections) are retried by the pipeline's one policy
   (stages/common/retry.py: exponential backoff, or the server's Retry-After on 429/503, seconds or an HTTP date, both
   capped at 60 s); permanent ones (other 4xx, refused schemes, size cap, checksum) fail at once, since retrying cannot
-  fix them. The requests.Session has no Retry adapter, so no request is retried twice.
+  fix them. The adapter has max_retries=0, so no request is retried twice.
 """
 import hashlib
+import ipaddress
 import os
 import re
+import socket
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -34,6 +43,11 @@ CHUNK = 1 << 16
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # identity: byte offsets in Range and Content-Length must count the stored bytes, not a gzip stream of them.
 HEADERS = {"Accept-Encoding": "identity"}
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_REDIRECTS = 5
+# the first that applies names the refusal; anything else that is not global (shared 100.64/10, ...) is "not global"
+_KINDS = ("loopback", "link_local", "multicast", "unspecified", "reserved", "private")
 
 
 class FetchError(Exception):
@@ -60,20 +74,107 @@ def check_url(url: str) -> None:
         raise FetchError(f"refused URL without a host: {url!r}")
 
 
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system's resolver gives for host (IP literals come back as they are)."""
+    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def refusal(address: str) -> str | None:
+    """Why an address may not be fetched from without the allow-list ("loopback", ...), or None for a global one."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])   # an IPv6 zone ("fe80::1%eth0") names no other address
+    ip = getattr(ip, "ipv4_mapped", None) or ip            # ::ffff:127.0.0.1 is 127.0.0.1
+    kind = next((kind for kind in _KINDS if getattr(ip, f"is_{kind}")), None)
+    return kind.replace("_", "-") if kind else None if ip.is_global else "not global"
+
+
+class Guard:
+    """Decides where a request may connect: `pin(url)` is the checked address to connect to, or FetchError."""
+
+    def __init__(self, allow_private: Iterable[str] = (), resolver: Callable[[str, int], list[str]] = system_resolver):
+        self.allowed = {entry.strip().lower() for entry in allow_private}
+        self.resolver = resolver
+
+    def pin(self, url: str) -> str:
+        check_url(url)
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme.lower()]
+        try:
+            addresses = self.resolver(host, port)
+        except OSError as error:   # socket.gaierror: no such name, or DNS down (may pass: retried)
+            raise _Transient(f"cannot resolve {host} ({error})") from error
+        if not addresses:
+            raise _Transient(f"cannot resolve {host} (no address)")
+        # the name as the URL writes it: listing 127.0.0.1:8080 lets no other name that resolves there through
+        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        for address in addresses:   # one bad answer refuses the name: the next lookup could return it
+            kind = refusal(address)
+            if kind and endpoint not in self.allowed:
+                raise FetchError(f"refused address {address} of {endpoint} ({kind}); private addresses are "
+                                 f"fetched only when collect.download.allow_private lists {endpoint}")
+        return addresses[0]
+
+
+class PinnedAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter that connects to the address the Guard checked for each host:port (`pins`), not to whatever a
+    new DNS lookup returns. The URL's host stays what TLS sends (SNI) and checks the certificate against."""
+
+    def __init__(self):
+        super().__init__(max_retries=0)   # requests and urllib3 never retry: our policy does (see module docstring)
+        self.pins: dict[tuple[str, int], str] = {}
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        host = host_params["host"]
+        pinned = self.pins[(host, host_params["port"])]   # KeyError: a request the Guard never saw (a bug)
+        if host_params["scheme"] == "https":
+            pool_kwargs = {**pool_kwargs, "server_hostname": host, "assert_hostname": host}
+        return {**host_params, "host": pinned}, pool_kwargs
+
+
+class Client:
+    """One download's connections: the Guard's checks and the adapter that pins them."""
+
+    def __init__(self, guard: Guard):
+        self.guard, self.adapter = guard, PinnedAdapter()
+
+    def get(self, url: str, headers: dict, timeout: float) -> requests.Response:
+        """GET url, following redirects hop by hop, each hop checked and pinned before it is sent."""
+        for hop in range(MAX_REDIRECTS + 1):
+            request = requests.Request("GET", url, headers=headers).prepare()   # the URL as sent (IDNA, quoting)
+            parts = urlsplit(request.url)
+            try:
+                address = self.guard.pin(request.url)
+            except FetchError as error:
+                raise (FetchError(f"redirected to {url}: {error}") if hop else error) from None
+            self.adapter.pins[(parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme])] = address
+            # the URL's host, not the pinned address, in Host: urllib3 would send the address it connects to
+            request.headers["Host"] = parts.netloc.rsplit("@", 1)[-1]
+            response = self.adapter.send(request, stream=True, timeout=timeout)
+            location = response.headers.get("Location")
+            if response.status_code not in REDIRECTS or not location:
+                return response
+            response.close()
+            url = urljoin(url, location)
+        raise FetchError(f"more than {MAX_REDIRECTS} redirects")
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
 def download(url: str, folder: Path, *, max_bytes: int, timeout: float, retries: int, backoff: float,
-             sha256: str | None = None, session: requests.Session | None = None) -> Path:
-    """Stream url into folder, content-addressed: returns folder/<sha256 of the bytes><ext>."""
+             sha256: str | None = None, allow_private: Iterable[str] = (),
+             resolver: Callable[[str, int], list[str]] = system_resolver) -> Path:
+    """Stream url into folder, content-addressed: returns folder/<sha256 of the bytes><ext>. Private addresses are
+    reached only when `allow_private` lists their host:port; `resolver` is the DNS lookup (tests give their own)."""
     check_url(url)
     folder = Path(folder)
     partial = folder / ".partial" / (hashlib.sha256(url.encode()).hexdigest() + ".part")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    own = session is None
-    session = session or requests.Session()
+    client = Client(Guard(allow_private, resolver))
     try:
-        _with_retries(session, url, partial, max_bytes=max_bytes, timeout=timeout, retries=retries, backoff=backoff)
+        _with_retries(client, url, partial, max_bytes=max_bytes, timeout=timeout, retries=retries, backoff=backoff)
     finally:
-        if own:
-            session.close()
+        client.close()
     return _store(partial, folder, extension(url), sha256)
 
 
@@ -83,13 +184,13 @@ def extension(url: str) -> str:
     return suffix if suffix in EXTENSIONS else ".bin"
 
 
-def _with_retries(session: requests.Session, url: str, partial: Path, *, max_bytes: int, timeout: float,
+def _with_retries(client: Client, url: str, partial: Path, *, max_bytes: int, timeout: float,
                   retries: int, backoff: float) -> None:
     attempts = max(retries, 0) + 1
     policy = retrying(f"collect: {url}", attempts=attempts, backoff=backoff,
                       transient=lambda error: isinstance(error, _Transient), asked=lambda error: error.retry_after)
     try:
-        policy(_attempt, session, url, partial, max_bytes, timeout)
+        policy(_attempt, client, url, partial, max_bytes, timeout)
     except _Transient as last:
         # The partial file stays: a later run of collect resumes it instead of starting over.
         raise FetchError(f"{last} after {attempts} attempt{'s' if attempts > 1 else ''}{last.note}") from last
@@ -98,18 +199,18 @@ def _with_retries(session: requests.Session, url: str, partial: Path, *, max_byt
         raise
 
 
-def _attempt(session: requests.Session, url: str, partial: Path, max_bytes: int, timeout: float) -> None:
+def _attempt(client: Client, url: str, partial: Path, max_bytes: int, timeout: float) -> None:
     """One request: resume the partial file if there is one, and stream the body into it."""
     try:
         offset = partial.stat().st_size if partial.exists() else 0
         validator = _validator(partial)
         known = validator.read_text() if offset and validator.exists() else None   # none: an older run's partial
-        response = _get(session, url, offset, timeout, known)
+        response = _get(client, url, offset, timeout, known)
         if response.status_code == 416 and offset:
             # Our partial is longer than the resource (it changed, or the partial is stale): start over, once.
             response.close()
             _discard(partial)
-            offset, response = 0, _get(session, url, 0, timeout)
+            offset, response = 0, _get(client, url, 0, timeout)
         with response:
             _check_status(response)
             offset = _resume_offset(response, partial, offset)
@@ -128,11 +229,11 @@ def _attempt(session: requests.Session, url: str, partial: Path, max_bytes: int,
         raise FetchError(f"request failed: {error}") from error
 
 
-def _get(session: requests.Session, url: str, offset: int, timeout: float, if_range: str | None = None):
-    headers = dict(HEADERS, Range=f"bytes={offset}-") if offset else HEADERS
+def _get(client: Client, url: str, offset: int, timeout: float, if_range: str | None = None):
+    headers = dict(HEADERS, Range=f"bytes={offset}-") if offset else dict(HEADERS)
     if if_range:
         headers["If-Range"] = if_range  # changed since: the server answers 200 with the whole new file
-    return session.get(url, headers=headers, stream=True, timeout=timeout)
+    return client.get(url, headers, timeout)
 
 
 def _validator(partial: Path) -> Path:

@@ -3,7 +3,9 @@
 Users arrive with question/caption triplets, LLaVA, ShareGPT or OpenAI chat exports, or our older frame manifests.
 Asking them to convert by hand loses rows silently; here every row either becomes a sample (the shape stages.collect
 writes to data/raw/samples.jsonl) or an error {"source": "<file>:<line>", "field": "<json path>", "reason": ...}, and
-the other rows go on: one bad row among 100 000 costs that row, and the report says where to fix it.
+the other rows go on: one bad row among 100 000 costs that row, and the report says where to fix it. Files are read
+streaming, one row at a time (a JSON array through a window over the file), so memory does not grow with their size,
+and a line or array item longer than collect.max_line_bytes is a reject of its own, read past without being kept.
 
 Video references are checked before anything opens or downloads them (extract does, later): only http(s) URLs and
 relative paths that stay inside the annotation file's folder pass, so a hostile file cannot point us at /etc/passwd,
@@ -12,6 +14,7 @@ relative paths that stay inside the annotation file's folder pass, so a hostile 
 import codecs
 import json
 import re
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -327,9 +330,37 @@ def _convert(row: dict, fmt: str, default_id: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- reading files
 
-def _line_rows(lines):
+MAX_LINE_BYTES = 1 << 20   # collect.max_line_bytes' default: the longest line, or JSON array item, that is read
+_CHUNK = 1 << 16           # bytes read at a time from an annotation file
+_ANY = re.compile(r'["\\\[\]{}]')   # outside strings: what changes the nesting of a skipped item
+_IN_STRING = re.compile(r'["\\]')
+_PRIMITIVE_END = re.compile(r"[,\]\s]")
+_HUGE_INT = f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+
+def bounded_lines(f, limit: int = MAX_LINE_BYTES):
+    """Yield (line number, bytes) per line of a binary file, the bytes None for a line longer than `limit` bytes
+    (its newline not counted). Holds at most `limit` + 1 bytes: a longer line is read past, never kept."""
+    number = 0
+    while line := f.readline(limit + 1):
+        number += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := f.readline(_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            line = None
+        yield number, line
+
+
+def _too_long(limit: int) -> str:
+    return f"longer than collect.max_line_bytes={limit} bytes"
+
+
+def _line_rows(f, limit: int):
     """Yield (line, row, problem) per non-empty line; a bad line is a problem and the lines after it go on."""
-    for number, raw in enumerate(lines, 1):
+    for number, raw in bounded_lines(f, limit):
+        if raw is None:
+            yield number, None, f"line {_too_long(limit)}"
+            continue
         if not raw.strip():
             continue
         try:
@@ -343,67 +374,204 @@ def _line_rows(lines):
         except RecursionError:  # "[[[[..." a few thousand deep
             yield number, None, "invalid JSON: nested too deeply"
             continue
+        except ValueError:      # not a JSONDecodeError (caught above): int() refused a number of too many digits
+            yield number, None, f"invalid JSON: {_HUGE_INT}"
+            continue
         yield number, row, None if isinstance(row, dict) else f"expected a JSON object, got {_kind(row)}"
 
 
-def _array_rows(data: bytes):
-    """Yield (line where the element starts, row, problem) per element of a JSON array.
+class _Window:
+    """A JSON array's text, read in chunks: `text[pos:]` is what is not parsed yet. Parsed text is dropped when the
+    next chunk comes (not per item: that would copy the window once per row), so memory stays near one item (at most
+    the limit) plus a chunk, whatever the file's size."""
 
-    raw_decode parses one element at a time, hence the real line numbers. A syntax error inside an array cannot be
-    skipped reliably (where would the next element start?), so it ends the file; the elements before it are kept.
+    def __init__(self, f, limit: int):
+        self.f, self.limit, self.decoder = f, limit, codecs.getincrementaldecoder("utf-8-sig")()
+        self.text, self.pos, self.eof = "", 0, False
+        self.line, self.counted = 1, 0   # the line number at text[counted]: newlines are counted once, in order
+
+    def fill(self) -> None:
+        """Drop the parsed text and append the next chunk (UnicodeDecodeError: the caller names the line)."""
+        data = self.f.read(_CHUNK)
+        self.eof = not data
+        self.here()
+        self.text, self.pos, self.counted = self.text[self.pos:] + self.decoder.decode(data, final=self.eof), 0, 0
+
+    def here(self, at: int | None = None) -> int:
+        """The line number at `at` (default: pos), at or after pos."""
+        self.line += self.text.count("\n", self.counted, self.pos)
+        self.counted = self.pos
+        return self.line + (self.text.count("\n", self.pos, at) if at is not None else 0)
+
+    def blank(self) -> None:
+        """Move past whitespace, reading on until something else (or the end) comes."""
+        while True:
+            self.pos = _BLANK.match(self.text, self.pos).end()
+            if self.pos < len(self.text) or self.eof:
+                return
+            self.fill()
+
+    def startswith(self, char: str) -> bool:
+        return self.text.startswith(char, self.pos)
+
+    def value(self):
+        """The next JSON value: (value, None), or (None, reason): a JSONDecodeError, "nested too deeply", "too long"
+        (not read past yet) or "too long, read"."""
+        while True:
+            try:
+                row, end = _DECODER.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as error:
+                if self.eof:
+                    return None, error
+            except RecursionError:
+                return None, "nested too deeply"
+            except ValueError:   # a number int() refuses: Python's limit on digits (found by tests/test_formats.py)
+                return None, _HUGE_INT
+            else:
+                # a number cut by the chunk's end ("1.5e" of "1.5e-07") parses too: take the value only once the
+                # text after it shows where it ends
+                if self.eof or _PRIMITIVE_END.search(self.text, end):
+                    start, self.pos = self.pos, end
+                    return (None, "too long, read") if end - start > self.limit else (row, None)
+            if len(self.text) - self.pos > self.limit:
+                return None, "too long"
+            self.fill()
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _skip_value(window: _Window) -> bool:
+    """Read past one JSON value (an item over the limit) without keeping it; False if the file ends first."""
+    if not window.text.startswith(('"', "[", "{"), window.pos):   # a number or a word: it ends where the item does
+        return _skip_to(window, _PRIMITIVE_END)
+    depth, at, pattern = 0, window.pos, _ANY
+    while True:
+        match = pattern.search(window.text, at)
+        if match is None:
+            window.pos = len(window.text)
+            if window.eof:
+                return False
+            window.fill()
+            at = 0
+            continue
+        char, at = match[0], match.end()
+        if pattern is _IN_STRING:
+            if char == "\\":
+                if at == len(window.text) and not window.eof:   # the escaped character is in the next chunk
+                    window.pos = at - 1
+                    window.fill()
+                    at = 1
+                at += 1
+            else:
+                pattern = _ANY
+        elif char == '"':
+            pattern = _IN_STRING
+        elif char in "[{":
+            depth += 1
+        else:
+            depth -= 1
+        if depth == 0 and pattern is _ANY:
+            window.pos = at
+            return True
+
+
+def _skip_to(window: _Window, pattern: re.Pattern) -> bool:
+    """Move to the next match of `pattern`, reading on; False if the file ends first."""
+    while (match := pattern.search(window.text, window.pos)) is None:
+        window.pos = len(window.text)
+        if window.eof:
+            return False
+        window.fill()
+    window.pos = match.start()
+    return True
+
+
+def _array_rows(f, limit: int):
+    """Yield (line where the element starts, row, problem) per element of a JSON array, read in chunks.
+
+    raw_decode parses one element at a time from a window over the file, hence the real line numbers and a memory
+    bound of about one item. An item longer than `limit` is a problem and is read past; a syntax error inside an
+    array cannot be skipped reliably (where would the next element start?), so it ends the file, the elements before
+    it kept.
     """
+    window, item = _Window(f, limit), 0
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        yield data.count(b"\n", 0, error.start) + 1, None, "not UTF-8 text"
-        return
-    decoder, at, item = json.JSONDecoder(), _BLANK.match(text, text.index("[") + 1).end(), 0
-    line, counted = 1, 0  # newlines are counted incrementally: recounting from 0 per element is quadratic
-    while not (item == 0 and text.startswith("]", at)):
-        item += 1
-        line, counted = line + text.count("\n", counted, at), at
-        try:
-            row, at = decoder.raw_decode(text, at)
-        except json.JSONDecodeError as error:
-            yield error.lineno, None, f"item {item}: invalid JSON: {error.msg} (column {error.colno})"
-            return
-        except RecursionError:
-            yield line, None, f"item {item}: invalid JSON: nested too deeply"
-            return
-        yield line, row, None if isinstance(row, dict) else f"item {item}: expected a JSON object, got {_kind(row)}"
-        at = _BLANK.match(text, at).end()
-        if not text.startswith(",", at):
-            break
-        at = _BLANK.match(text, at + 1).end()
-    if not text.startswith("]", at) or text[at + 1:].strip():
-        yield text.count("\n", 0, at) + 1, None, f"invalid JSON: expected ',' or a single closing ']' after item {item}"
+        window.blank()
+        window.pos += 1                                  # the "["
+        window.blank()
+        while not (item == 0 and window.startswith("]")):
+            item += 1
+            line = window.here()
+            row, problem = window.value()
+            if isinstance(problem, json.JSONDecodeError):
+                yield window.here(problem.pos), None, f"item {item}: invalid JSON: {problem.msg} " \
+                    f"(column {problem.colno})"
+                return
+            elif problem:   # well-formed as far as brackets go: the item is read past, and the next ones go on
+                yield line, None, f"item {item}: " + (_too_long(limit) if problem.startswith("too long")
+                                                      else f"invalid JSON: {problem}")
+                if problem != "too long, read" and not _skip_value(window):
+                    yield window.here(), None, f"invalid JSON: the file ends inside item {item}"
+                    return
+            else:
+                yield line, row, None if isinstance(row, dict) else \
+                    f"item {item}: expected a JSON object, got {_kind(row)}"
+            window.blank()
+            if not window.startswith(","):
+                break
+            window.pos += 1
+            window.blank()
+        closed = window.startswith("]")
+        if closed:
+            window.pos += 1
+            window.blank()
+        if not closed or window.pos < len(window.text):
+            yield window.here(), None, f"invalid JSON: expected ',' or a single closing ']' after item {item}"
+    except UnicodeDecodeError:
+        yield window.here(len(window.text)), None, "not UTF-8 text"
 
 
-def _rows(path: Path):
-    if path.suffix.lower() == ".json":
-        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-        if data.lstrip()[:1] == b"[":
-            yield from _array_rows(data)
-        else:  # JSON Lines saved as .json is common enough (many exported data sets) to read as such
-            yield from _line_rows(data.split(b"\n"))
-        return
-    with open(path, "rb") as lines:  # streamed: JSONL files can be large
-        yield from _line_rows(lines)
+def _rows(path: Path, limit: int):
+    with open(path, "rb") as f:   # streamed, whatever the format: annotation files can be gigabytes
+        if path.suffix.lower() == ".json" and _first_byte(f) == b"[":
+            yield from _array_rows(f, limit)
+        else:  # JSON Lines, also when saved as .json (common enough in exported data sets to read as such)
+            yield from _line_rows(f, limit)
 
 
-def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[dict], list[dict]]:
+def _first_byte(f) -> bytes:
+    """The first byte that is not a BOM or whitespace; the file is rewound. Reads past blank space in chunks."""
+    first = b""
+    while not first and (chunk := f.read(_CHUNK)):
+        first = chunk.removeprefix(codecs.BOM_UTF8 if f.tell() == len(chunk) else b"").lstrip()[:1]
+    f.seek(0)
+    return first
+
+
+def read_annotations(path: Path, fmt: str = "auto",
+                     max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[dict], list[dict]]:
     """Read one annotation file into (samples, errors); a bad row becomes an error and the other rows go on.
 
     errors: {"source": "<path>:<line>", "field": "<json path like conversations/1/value>", "reason": "..."}.
     With fmt="auto" the format is the one of the first row that parses as an object and matches one.
     """
+    samples, errors = [], []
+    for sample, error in iter_annotations(path, fmt, max_line_bytes):
+        (errors if error else samples).append(error or sample)
+    return samples, errors
+
+
+def iter_annotations(path: Path, fmt: str = "auto", max_line_bytes: int = MAX_LINE_BYTES):
+    """read_annotations one row at a time: yields (sample, None) or (None, error), in the file's order. Holds one
+    row (at most max_line_bytes of it) and the ids seen so far, whatever the file's size."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown annotation format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
     path = Path(path)
-    samples, errors, first_seen = [], [], {}
+    first_seen = {}
     # A row's default id is the file's stem and the row's position in it, not its line: a JSON array written on one
     # line (json.dump's default) holds every row on line 1. Errors still name the line, which is where one looks.
-    for position, (line, row, problem) in enumerate(_rows(path), 1):
+    for position, (line, row, problem) in enumerate(_rows(path, max_line_bytes), 1):
         try:
             if problem:
                 raise RowError("", problem)
@@ -414,13 +582,13 @@ def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[dict], list[di
                     raise RowError("", str(error)) from None
             sample = _convert(row, fmt, default_id=f"{path.stem}-{position}")
             if sample["id"] in first_seen:
-                raise RowError("id", f"duplicate id {sample['id']!r} (first at {first_seen[sample['id']]})")
+                row_at, line_at = divmod(first_seen[sample["id"]], 1 << 40)
+                raise RowError("id", f"duplicate id {sample['id']!r} (first at row {row_at}, line {line_at})")
         except RowError as error:
-            errors.append({"source": f"{path}:{line}", "field": error.field, "reason": error.reason})
+            yield None, {"source": f"{path}:{line}", "field": error.field, "reason": error.reason}
             continue
         except Exception as error:  # noqa: BLE001 - a bug on one odd row must cost that row, not the whole import
-            errors.append({"source": f"{path}:{line}", "field": "", "reason": f"internal error: {error!r}"})
+            yield None, {"source": f"{path}:{line}", "field": "", "reason": f"internal error: {error!r}"}
             continue
-        first_seen[sample["id"]] = f"row {position}, line {line}"
-        samples.append(sample)
-    return samples, errors
+        first_seen[sample["id"]] = (position << 40) + line   # one int per id: a million rows cost ~100 MB less
+        yield sample, None

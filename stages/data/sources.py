@@ -7,9 +7,11 @@ beside it go on.
 """
 import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def download_all(urls: dict[str, str | None], videos: Path, download: dict) -> d
             try:
                 path = fetch.download(url, DOWNLOADS, sha256=urls[url], timeout=download["timeout"],
                                       max_bytes=int(download["max_megabytes"] * 2**20), retries=download["retries"],
-                                      backoff=download["backoff"])
+                                      backoff=download["backoff"], allow_private=download["allow_private"])
             except fetch.FetchError as error:
                 return error
             seen.write_text(path.name)
@@ -112,43 +114,79 @@ def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict, copied
     return {**kept, "videos": stored}
 
 
-def import_source(source: dict, download: dict, videos: Path) -> tuple[list[dict], list[dict]]:
-    """(samples, rejects) of one `local` or `urls` entry of collect.sources."""
+def import_source(source: dict, download: dict, videos: Path, max_line_bytes: int = formats.MAX_LINE_BYTES):
+    """Yield ("sample", sample) and ("reject", record) of one `local` or `urls` entry of collect.sources, one at a time:
+    the rows that did not parse (or had a line over max_line_bytes) first, then every stored sample and every one
+    whose video could not be stored, in the file's order.
+
+    Memory stays bounded whatever the file's size: the rows that parsed wait in a spool file (not a list) while their
+    URLs are downloaded, which has to come first since downloads run several at a time."""
     folder = Path(source.get("folder", "."))
-    if source["kind"] == "urls":
-        samples, rejects = url_samples(source, folder)
-        annotations = folder / source["file"] if "file" in source else "collect.sources.urls"
-    else:
-        annotations = folder / source["annotations"]
-        if not annotations.is_file():
-            raise SystemExit(f"collect: annotation file {annotations} not found (collect.sources, kind local)")
-        samples, rejects = formats.read_annotations(annotations, source.get("format", "auto"))
-        rejects = [{"id": None, **reject} for reject in rejects]   # a row that did not parse has no sure id
+    where = folder / source["file"] if "file" in source else "collect.sources.urls"
+    if source["kind"] == "local":
+        where = folder / source["annotations"]
+        if not where.is_file():
+            raise SystemExit(f"collect: annotation file {where} not found (collect.sources, kind local)")
     wanted = {}
-    for sample in samples:
-        for reference in sample["videos"]:
-            if is_url(reference):
-                wanted.setdefault(reference, sample.get("meta", {}).get("sha256"))
-    fetched = download_all(wanted, videos, download) if wanted else {}
-    kept, copied = [], {}
-    for sample in samples:
-        try:
-            kept.append(store_sample(sample, folder, videos, fetched, copied))
-        except SourceError as error:
-            rejects.append({"id": sample["id"], "source": str(annotations), "field": "videos", "reason": str(error)})
-    return kept, rejects
+    with tempfile.TemporaryFile("w+") as spool:
+        for sample, reject in parsed(source, folder, max_line_bytes):
+            if reject:
+                yield "reject", reject
+                continue
+            for reference in sample["videos"]:
+                if is_url(reference):
+                    wanted.setdefault(reference, sample.get("meta", {}).get("sha256"))
+            spool.write(json.dumps(sample) + "\n")   # ASCII (ensure_ascii), and loads gives the same dict back
+        fetched = download_all(wanted, videos, download) if wanted else {}
+        spool.seek(0)
+        copied = {}
+        for line in spool:
+            sample = json.loads(line)
+            try:
+                yield "sample", store_sample(sample, folder, videos, fetched, copied)
+            except SourceError as error:
+                yield "reject", {"id": sample["id"], "source": str(where), "field": "videos", "reason": str(error)}
 
 
-def url_samples(source: dict, folder: Path) -> tuple[list[dict], list[dict]]:
+def parsed(source: dict, folder: Path, max_line_bytes: int):
+    """Yield (sample, None) or (None, reject record) per row of a source's file or list, rejects of a URL list first."""
+    if source["kind"] == "urls":
+        samples, rejects = url_samples(source, folder, max_line_bytes)
+        yield from ((None, reject) for reject in rejects)
+        yield from ((sample, None) for sample in samples)
+        return
+    for sample, error in formats.iter_annotations(folder / source["annotations"], source.get("format", "auto"),
+                                                  max_line_bytes):
+        yield sample, error and {"id": None, **error}   # a row that did not parse has no sure id
+
+
+def url_lines(path: Path, max_line_bytes: int):
+    """Yield (where, fields or None for a line that is too long or not UTF-8) per line of a URL list that is not
+    blank or a # comment; read line by line, never whole."""
+    with open(path, "rb") as f:
+        for number, raw in formats.bounded_lines(f, max_line_bytes):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8") if raw is not None else None
+            except UnicodeDecodeError:
+                line = None
+            if line is None or (line.strip() and not line.lstrip().startswith("#")):
+                yield f"{path}:{number}", line.split() if line is not None else None
+
+
+def url_samples(source: dict, folder: Path,
+                max_line_bytes: int = formats.MAX_LINE_BYTES) -> tuple[list[dict], list[dict]]:
     """One uncaptioned sample per URL, from `urls` (a list) or `file` (one "URL [sha256]" per line)."""
     if "file" in source:
-        path = folder / source["file"]
-        lines = [(f"{path}:{n}", line.split()) for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if line.strip() and not line.lstrip().startswith("#")]
+        lines = url_lines(folder / source["file"], max_line_bytes)
     else:
         lines = [(f"collect.sources.urls[{n}]", [url]) for n, url in enumerate(source["urls"])]
     samples, rejects = [], []
-    for where, (url, *checksum) in lines:
+    for where, fields in lines:
+        if fields is None:
+            rejects.append({"id": None, "source": where, "field": "url",
+                            "reason": f"line longer than collect.max_line_bytes={max_line_bytes} bytes, or not UTF-8"})
+            continue
+        url, *checksum = fields
         try:
             fetch.check_url(url)
         except fetch.FetchError as error:

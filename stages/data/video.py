@@ -96,17 +96,47 @@ def open_video(path):
         container.close()
         raise VideoError("no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:   # a codec id libav has no decoder for (found by tests/test_fuzz.py)
+        container.close()
+        raise VideoError("no decoder for the video stream's codec")
     stream.thread_type = "AUTO"   # frame and slice threads, as ffmpeg chooses
     return container, stream
 
 
-def probe(container, stream) -> Probe:
-    """Every frame's time and the keyframes, from the packets alone: header frame counts and rates can lie."""
-    times, keyframes = [], []
+def check_size(width: int, height: int, p: dict) -> None:
+    """VideoError when a picture is larger than extract.max_source_pixels: checked from what a header claims, before
+    a decoder allocates it (a 16000 x 16000 claim would cost 384 MB per frame)."""
+    limit = p.get("max_source_pixels")
+    if limit and width * height > limit:
+        raise VideoError(f"claims {width}x{height} pixels, over extract.max_source_pixels={limit}")
+
+
+def check_frames(count: int, p: dict, says: str = "has") -> None:
+    """VideoError when a video has (or its header claims) more frames than extract.max_source_frames."""
+    limit = p.get("max_source_frames")
+    if limit and count > limit:
+        raise VideoError(f"{says} {count} frames, over extract.max_source_frames={limit}")
+
+
+def check_header(stream, p: dict) -> None:
+    """The limits, from the stream header alone (no packet read yet)."""
+    context = stream.codec_context
+    check_size(context.width or 0, context.height or 0, p)
+    check_frames(stream.frames or 0, p, says="claims")
+
+
+def probe(container, stream, p: dict | None = None) -> Probe:
+    """Every frame's time and the keyframes, from the packets alone: header frame counts and rates can lie.
+    Stops as soon as there are more packets than extract.max_source_frames (p), so a million-frame file costs
+    no more than the limit."""
+    times, keyframes, p = [], [], p or {}
+    limit = p.get("max_source_frames")
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue
+            if limit and len(times) == limit:
+                check_frames(limit + 1, p, says="has at least")
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None:
                 raise VideoError("packets carry no timestamps")
@@ -205,12 +235,14 @@ def sample(path, p: dict) -> Sampled:
     size (frame_size, or max_pixels with the Qwen rule)."""
     container, stream = open_video(path)
     with container:
-        known = probe(container, stream)
+        check_header(stream, p)
+        known = probe(container, stream, p)
         indices = pick_frames(known.times, frame_count(len(known.times), known.info["duration"], p))
         wanted = np.unique(known.times[indices])
         rotation = {}
 
         def convert(frame):   # the first frame's rotation tells which side is the height
+            check_size(frame.width, frame.height, p)   # a stream may change size past its header
             turns = rotation.setdefault("turns", round((frame.rotation or 0) / 90) % 4)
             height, width = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
             return to_rgb(frame, turns, output_shape(height, width, p))
@@ -247,22 +279,41 @@ def sample_images(path, p: dict, duration: float | None = None) -> Sampled:
     rules as a video. Their times are spread over `duration` when known, else one image per second is assumed."""
     try:
         with tarfile.open(path) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+            members = sorted(safe_members(tar), key=lambda m: m.name)
             if not members:
                 raise VideoError("frame archive holds no images")
+            check_frames(len(members), p)
             step = duration / len(members) if duration else 1.0
             times = np.arange(len(members)) * step
             indices = pick_frames(times, frame_count(len(members), step * len(members), p))
             images = {}
             for index in np.unique(indices):
                 with Image.open(tar.extractfile(members[index])) as image:
+                    check_size(image.width, image.height, p)   # from the image header, before decoding
                     image = ImageOps.exif_transpose(image).convert("RGB")
                     images[index] = image
             height, width = images[indices[0]].height, images[indices[0]].width
-    except (tarfile.TarError, OSError) as error:   # PIL raises OSError subclasses for unreadable images
+    except (tarfile.TarError, OSError, Image.DecompressionBombError) as error:   # PIL: OSError when unreadable
         raise VideoError(f"cannot read frame images: {error}") from None
     shape = output_shape(height, width, p)
     frames = np.stack([np.asarray(images[i].resize((shape[1], shape[0]), Image.BICUBIC)) for i in indices])
     info = {"codec": "images", "width": width, "height": height, "fps": 1 / step, "total_frames": len(members),
             "duration": round(step * len(members), 4), "rotation": 0}
     return Sampled(frames, times[indices], indices, info)
+
+
+def safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The archive's files; VideoError when any member is a link, a device or a name that would leave the folder
+    (absolute, or with ..): an archive holding one is not a frame folder we packed, so none of it is trusted."""
+    files = []
+    for member in tar.getmembers():
+        name = member.name.replace("\\", "/")
+        if name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"):
+            raise VideoError(f"frame archive member {member.name!r}: path leaves the archive folder")
+        if member.issym() or member.islnk():
+            raise VideoError(f"frame archive member {member.name!r}: links are refused")
+        if member.isfile():
+            files.append(member)
+        elif not member.isdir():
+            raise VideoError(f"frame archive member {member.name!r}: not a file (device or FIFO)")
+    return files
