@@ -12,7 +12,7 @@ FINETUNE = {"finetune": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "ta
             "attn_implementation": "sdpa", "bf16": "auto"}
 
 
-@pytest.fixture(scope="module", params=vlm.FAMILIES)
+@pytest.fixture(scope="module", params=list(vlm.FAMILIES))
 def tiny_base(request, small_data, tmp_path_factory):
     fam = vlm.family(request.param)
     rows = read_jsonl(small_data / "data/manifest/train.jsonl")
@@ -104,3 +104,24 @@ def test_vision_parts_and_pixels_are_aligned_to_the_text_dtype_as_a_4_bit_base_n
     finetune.align_dtypes(model, fam)
     assert torch.isfinite(model(**batch).loss)
     assert {w.dtype for w in model.get_submodule(fam.VISION).parameters()} == {torch.float32}
+
+
+def test_lora_merged_into_the_base_gives_the_adapters_outputs_from_a_plain_checkpoint(tiny_base, tmp_path):
+    """What finetune.save does with merge_lora: the merged model, saved and loaded back with the family's class
+    alone, computes what the base with the adapter does."""
+    fam, base = tiny_base
+    processor = AutoProcessor.from_pretrained(base)
+    model = finetune.prepare(finetune.load(fam, base, FINETUNE), fam, FINETUNE).eval()
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():   # a trained adapter: lora_B starts at zero, which merges to nothing
+        if ".lora_B." in name:
+            torch.nn.init.normal_(weight, std=0.5)
+    batch = vlm.collate([vlm.encode(row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")]),
+                                    frames(), processor, fam, 4096)], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        model.merge_and_unload().save_pretrained(tmp_path / "merged")
+        merged = vlm.load_model(fam, str(tmp_path / "merged")).eval()(**batch).logits
+        plain = fam.MODEL_CLASS.from_pretrained(base).eval()(**batch).logits
+    assert torch.allclose(adapted, merged, atol=1e-4)
+    assert not torch.allclose(plain, merged, atol=1e-3)

@@ -1,3 +1,8 @@
+import json
+import re
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +10,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from stages.common.files import read_jsonl
 from stages.models import vlm
-from tests.helpers import TINY_VLM, frames, row_with
+from tests.helpers import REPO, TINY_VLM, frames, row_with
 
 FAM = vlm.family("llava")
 
@@ -64,13 +69,14 @@ def test_generation_prompts_end_at_the_assistant_turn(tiny_llava, small_data):
 
 # Every family: the same guarantees through its own processor, chat template and media inputs.
 END_OF_TURN = {"llava": "<|end|>", "smolvlm": "<end_of_utterance>", "qwen2_vl": "<|im_end|>",
-               "qwen2_5_vl": "<|im_end|>"}
+               "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "llava_onevision": "<|im_end|>",
+               "llava_next_video": "<|end|>", "internvl": "<|im_end|>"}
 # SmolVLM's template writes "Assistant: answer": the space is fused into the answer's first token ("Ġa"), so it is
 # labelled with it, and it is what the model generates after the "Assistant:" prompt.
 ANSWER_START = {"smolvlm": " "}
 
 
-@pytest.fixture(scope="module", params=vlm.FAMILIES)
+@pytest.fixture(scope="module", params=list(vlm.FAMILIES))
 def tiny_family(request, small_data, tmp_path_factory):
     fam = vlm.family(request.param)
     rows = read_jsonl(small_data / "data/manifest/train.jsonl")
@@ -104,12 +110,17 @@ def test_each_family_trains_on_32_videos_in_a_sample_beside_a_1_video_sample(tin
         assert any(g is not None and g.abs().sum() > 0 for g in grads), part
 
 
+# Their models take `pixel_values_videos` [videos, frames, 3, h, w]: one frame count per batch (vlm.same_frame_count).
+ONE_FRAME_COUNT_PER_BATCH = {"llava_onevision", "llava_next_video"}
+
+
 def test_each_family_batches_samples_with_different_video_and_frame_counts(tiny_family):
     name, fam, processor, model = tiny_family
+    count = 4 if name in ONE_FRAME_COUNT_PER_BATCH else 2
     one = vlm.encode(row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")]), frames(),
                      processor, fam, 4096)
     two = vlm.encode(row_with([("user", "<video> then <video>: which moves?"), ("assistant", "the second one")],
-                              videos=2, frames=2), frames(2, 2), processor, fam, 4096)
+                              videos=2, frames=count), frames(2, count), processor, fam, 4096)
     batch = vlm.collate([one, two], processor.tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["attention_mask"].sum() == len(one["input_ids"]) + len(two["input_ids"])
@@ -121,7 +132,7 @@ def test_each_family_batches_samples_with_different_video_and_frame_counts(tiny_
     assert torch.allclose(loss, expected, atol=1e-4), (loss, expected)
 
 
-@pytest.mark.parametrize("name", vlm.FAMILIES)
+@pytest.mark.parametrize("name", list(vlm.FAMILIES))
 def test_each_family_takes_frames_whose_side_is_no_multiple_of_its_patch_grid(name, small_data, tmp_path):
     fam = vlm.family(name)
     base = fam.build_tiny(TINY_VLM, ["a red circle moves left"] * 50, 24, tmp_path / "base")  # 3 x 3 patches of 8 px
@@ -138,3 +149,69 @@ def test_each_family_generates_from_a_batch_of_prompts(tiny_family, small_data):
     inputs = vlm.generation_inputs(rows, processor, fam, small_data / "data/frames")
     output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert output.shape[0] == 2 and output.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("name", sorted(ONE_FRAME_COUNT_PER_BATCH))
+def test_a_batch_of_different_frame_counts_is_refused_where_the_model_takes_one(name):
+    fam = vlm.family(name)
+    with tempfile.TemporaryDirectory() as folder:
+        processor = AutoProcessor.from_pretrained(fam.build_tiny(TINY_VLM, ["a red circle"] * 50, 32, Path(folder)))
+    examples = [vlm.encode(row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")], frames=n),
+                           frames(1, n), processor, fam, 4096) for n in (4, 2)]
+    with pytest.raises(ValueError, match=r"videos of \[2, 4\] frames in one batch"):
+        vlm.collate(examples, processor.tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------- the family contract and the registry
+
+def test_every_registered_family_provides_what_the_contract_names():
+    for name, module in vlm.FAMILIES.items():
+        assert isinstance(module, vlm.Family), name
+        assert vlm.family(name) is module
+
+
+def test_the_params_schema_offers_exactly_the_registered_and_refused_families():
+    schema = json.loads((REPO / "stages/schema/params/train_vlm.json").read_text())
+    assert set(schema["properties"]["family"]["enum"]) == set(vlm.FAMILIES) | set(vlm.UNSUPPORTED)
+
+
+def test_an_unknown_family_lists_the_valid_ones_and_a_refused_one_says_why():
+    with pytest.raises(ValueError, match="unknown VLM family 'lava'; valid families: llava, smolvlm, .*internvl"):
+        vlm.family("lava")
+    with pytest.raises(ValueError, match="'instructblip_video' is not supported: .*Q-Former"):
+        vlm.family("instructblip_video")
+
+
+def test_a_checkpoint_of_another_family_is_refused_naming_both(tmp_path):
+    base = vlm.family("llava").build_tiny(TINY_VLM, ["a red circle moves left"] * 50, 32, tmp_path / "base")
+    with pytest.raises(ValueError, match="has model_type 'llava', but train_vlm.family 'qwen3_vl' expects 'qwen3_vl'"):
+        vlm.load_model(vlm.family("qwen3_vl"), str(base))
+
+
+# ---------------------------------------------------------------- frame times
+
+# Frames that `extract` took at 1.0, 1.5, 2.0 and 2.5 s (2 per second, not from the clip's start), and what each
+# family's processor makes of them. SmolVLM writes whole seconds per frame; Qwen3-VL the mean time of each frame
+# pair (1.25 and 2.25 s, printed with one decimal); Qwen2.5-VL turns the rate into seconds per frame pair. The other
+# families' models have no notion of time: the times must change nothing they see.
+TIMES = [1.0, 1.5, 2.0, 2.5]
+TIME_MARKS = {"smolvlm": ["Frame from 00:01", "Frame from 00:01", "Frame from 00:02", "Frame from 00:02"],
+              "qwen3_vl": ["<1.2 seconds>", "<2.2 seconds>"]}
+
+
+def test_each_family_shows_the_model_the_frame_times_extract_recorded(tiny_family):
+    name, fam, processor, _ = tiny_family
+    row = row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")])
+    timed = {**row, "videos": [{**row["videos"][0], "timestamps": TIMES}]}
+    example = vlm.encode(timed, frames(), processor, fam, 4096)
+    prompt = processor.tokenizer.decode(example["input_ids"])
+    if name in TIME_MARKS:
+        assert re.findall(r"Frame from \d\d:\d\d|<[\d.]+ seconds>", prompt) == TIME_MARKS[name], prompt
+        if name == "qwen3_vl":   # each time, then its pair's tokens in one vision start/end, never nested in another
+            assert re.findall(r"<[\d.]+ seconds><\|vision_start\|>", prompt) and prompt.count("<|vision_start|>") == 2
+    elif name == "qwen2_5_vl":
+        assert example["second_per_grid_ts"].tolist() == [1.0]     # 2 frames per pair at 2 frames per second
+    else:
+        untimed = vlm.encode(row, frames(), processor, fam, 4096)
+        assert example.keys() == untimed.keys()
+        assert all(torch.equal(example[key], untimed[key]) for key in example)

@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
 
+from stages.models import vlm
 from stages.training.distributed import is_main_process
 from stages.training.trainer import save_model, use_bf16
 
@@ -29,7 +30,7 @@ def load(fam, base: str, p: dict):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[fam.VISION, fam.PROJECTOR, "lm_head"]),
             "dtype": compute, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}  # this process's GPU
-    model = fam.MODEL_CLASS.from_pretrained(base, attn_implementation=p["attn_implementation"], **extra)
+    model = vlm.load_model(fam, base, attn_implementation=p["attn_implementation"], **extra)
     if p["finetune"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p["gradient_checkpointing"])
         align_dtypes(model, fam)
@@ -97,7 +98,7 @@ def save(trainer, processor, out: Path, base_final: str, p: dict, fam) -> None:
     base_now, config["base_model_name_or_path"] = config["base_model_name_or_path"], base_final
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     if p["merge_lora"]:   # merged into a full-precision copy of the base: merging into 4-bit weights would round
-        merged = PeftModel.from_pretrained(fam.MODEL_CLASS.from_pretrained(base_now), out / "adapter")
+        merged = PeftModel.from_pretrained(vlm.load_model(fam, base_now), out / "adapter")
         merged.merge_and_unload().save_pretrained(out / "model")
         processor.save_pretrained(out / "model")
 

@@ -1,8 +1,12 @@
 """What every vision-language family shares: manifest rows -> chat messages -> model inputs with assistant-only
-labels, and batching. What differs per family (how frames become inputs, the tiny config) lives in one module each.
+labels, and batching. What differs per family (how frames become inputs, the tiny config) lives in one module each,
+which provides what `Family` names; `FAMILIES` (at the bottom) registers them, and `family()` is the one place where
+`train_vlm.family` takes effect. A new family is one module plus one line in `FAMILIES` (and its name in the params
+schema's enum, which a test keeps equal to the registry).
 """
-import importlib
+import json
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -10,15 +14,63 @@ from safetensors.numpy import load_file
 
 from stages.data.formats import VIDEO  # the placeholder of one video in a user turn
 
-FAMILIES = ("llava", "smolvlm", "qwen2_vl", "qwen2_5_vl")
 IGNORE = -100          # label of every position the loss must not see
 FRAMES = Path("data/frames")
 
 
-def family(name: str):
+@runtime_checkable
+class Family(Protocol):
+    """What a family module provides (a module satisfies this structurally: its constants and functions)."""
+
+    MODEL_CLASS: type      # the transformers ...ForConditionalGeneration class; its config's model_type is the family's
+    VISION: str            # module names of the vision tower, the vision-to-text projector and the language model,
+    PROJECTOR: str         # for the finetune switches and LoRA targets
+    LANGUAGE: str
+
+    def user_content(self, text_parts: list[str], frames_per_video: list[int]) -> list[dict]:
+        """Chat content parts of a user turn: text_parts[i] precedes video i, which has frames_per_video[i] frames."""
+
+    def media_inputs(self, frames_per_video: list, times: list[list[float]]) -> dict:
+        """Processor keyword arguments for a sample's videos (uint8 [n, h, w, 3] each; frame i of video v was taken
+        at times[v][i] seconds, as `extract` recorded)."""
+
+    def build_tiny(self, p: dict, texts, frame_size: int, out: Path) -> Path:
+        """Save a random-init tiny model and its processor (tokenizer trained on `texts`) to `out`; return `out`."""
+
+
+def family(name: str) -> Family:
+    """The module of family `name`: the one place where `train_vlm.family` (or a training record's) takes effect."""
+    if name in UNSUPPORTED:
+        raise ValueError(f"VLM family {name!r} is not supported: {UNSUPPORTED[name]}")
     if name not in FAMILIES:
-        raise ValueError(f"unknown VLM family {name!r}; known: {', '.join(FAMILIES)}")
-    return importlib.import_module(f"stages.models.vlm.{name}")
+        raise ValueError(f"unknown VLM family {name!r}; valid families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def load_model(fam: Family, path: str, **kwargs):
+    """`fam.MODEL_CLASS.from_pretrained(path)`, after checking that the checkpoint is of this family: transformers
+    would otherwise only warn and build the family's class from a foreign config."""
+    expected = fam.MODEL_CLASS.config_class.model_type
+    found = checkpoint_model_type(path)
+    if found is not None and found != expected:
+        name = next(key for key, module in FAMILIES.items() if module is fam)
+        raise ValueError(f"checkpoint {path} has model_type {found!r}, but train_vlm.family {name!r} expects "
+                         f"{expected!r}; pick the family of that checkpoint")
+    return fam.MODEL_CLASS.from_pretrained(path, **kwargs)
+
+
+def checkpoint_model_type(path: str) -> str | None:
+    """The model_type in a checkpoint's config.json (a LoRA adapter folder names its base's); None when unknown."""
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if (folder / "adapter_config.json").exists():
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return checkpoint_model_type(base)
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError):   # unreadable here: from_pretrained then fails with transformers' own reason
+        return None
 
 
 def load_frames(row: dict, frames_dir: Path = FRAMES) -> list[np.ndarray]:
@@ -26,14 +78,10 @@ def load_frames(row: dict, frames_dir: Path = FRAMES) -> list[np.ndarray]:
     return [load_file(str(frames_dir / video["frames"]))["frames"] for video in row["videos"]]
 
 
-def sampling_fps(row: dict) -> list[float]:
-    """Frames per second at which each of the row's videos was sampled, from the timestamps `extract` recorded."""
-    rates = []
-    for video in row["videos"]:
-        times = video.get("timestamps") or []
-        span = times[-1] - times[0] if len(times) > 1 else 0
-        rates.append((len(times) - 1) / span if span > 0 else 1.0)
-    return rates
+def frame_times(row: dict, videos: list[np.ndarray]) -> list[list[float]]:
+    """The time in seconds of each frame of each of the row's videos, as `extract` recorded them; one frame per
+    second for a row that records none."""
+    return [list(video.get("timestamps") or range(len(frames))) for video, frames in zip(row["videos"], videos)]
 
 
 def video_parts(text_parts: list[str], frames_per_video: list[int]) -> list[dict]:
@@ -48,14 +96,25 @@ def video_parts(text_parts: list[str], frames_per_video: list[int]) -> list[dict
     return content
 
 
-def video_inputs(frames_per_video: list, fps: list[float]) -> dict:
+def video_inputs(frames_per_video: list, times: list[list[float]]) -> dict:
     """Processor keyword arguments for families with native video input: the videos as they are (uint8
-    [n, h, w, 3]), already sampled by `extract`, with their sampling rate as metadata (frame times come from it)."""
+    [n, h, w, 3]), already sampled by `extract`, with metadata from which transformers computes the frame times the
+    prompt shows (SmolVLM, Qwen3-VL) or the time positions (Qwen2.5-VL): those times are `frames_indices` / `fps`,
+    so the indices are the recorded times in units of the sampling rate (whole numbers for evenly sampled frames
+    that start at 0, and exactly the recorded times otherwise, where plain indices would shift them to 0)."""
     if not frames_per_video:
         return {}
-    metadata = [{"fps": rate, "total_num_frames": len(video), "frames_indices": list(range(len(video)))}
-                for video, rate in zip(frames_per_video, fps)]
+    metadata = []
+    for video, seconds in zip(frames_per_video, times):
+        fps = sampling_fps(seconds)
+        metadata.append({"fps": fps, "total_num_frames": len(video), "frames_indices": [t * fps for t in seconds]})
     return {"videos": list(frames_per_video), "video_metadata": metadata, "do_sample_frames": False}
+
+
+def sampling_fps(seconds: list[float]) -> float:
+    """Frames per second of frames taken at `seconds` (1 for a single frame)."""
+    span = seconds[-1] - seconds[0] if len(seconds) > 1 else 0
+    return (len(seconds) - 1) / span if span > 0 else 1.0
 
 
 def to_messages(row: dict, fam, include_answers: bool = True) -> tuple[list[dict], list[int]]:
@@ -91,8 +150,8 @@ def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int)
     """
     messages, per_message = to_messages(row, fam)
     text = _render(processor, messages)
-    fps = sampling_fps(row)
-    inputs = dict(processor(text=text, **fam.media_inputs(videos, fps), return_tensors="pt"))
+    times = frame_times(row, videos)
+    inputs = dict(processor(text=text, **fam.media_inputs(videos, times), return_tensors="pt"))
     ids = inputs["input_ids"][0]
     if len(ids) > max_length:
         raise ValueError(f"sample {row['id']}: {len(ids)} tokens, above train_vlm.max_length={max_length}")
@@ -107,7 +166,7 @@ def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int)
             if ids[len(ids) - len(tail):].tolist() == tail:
                 return len(ids) - len(tail)
         else:
-            prefix_ids = processor(text=prefix, **fam.media_inputs(videos[:seen], fps[:seen]),
+            prefix_ids = processor(text=prefix, **fam.media_inputs(videos[:seen], times[:seen]),
                                    return_tensors="pt")["input_ids"][0]
             if torch.equal(ids[:len(prefix_ids)], prefix_ids):
                 return len(prefix_ids)
@@ -134,7 +193,8 @@ def over_budget(rows: list[dict], processor, fam, max_length: int, frames_dir: P
     rejects = []
     for row in rows:
         messages, _ = to_messages(row, fam)
-        media = fam.media_inputs(load_frames(row, frames_dir), sampling_fps(row))
+        videos = load_frames(row, frames_dir)
+        media = fam.media_inputs(videos, frame_times(row, videos))
         tokens = processor(text=_render(processor, messages), **media, return_tensors="pt")["input_ids"].shape[1]
         if tokens > max_length:
             rejects.append({"id": row["id"], "reason": "over_token_budget", "tokens": tokens,
@@ -154,8 +214,20 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
             fill = IGNORE if key == "labels" else pad_token_id if key == "input_ids" else 0
             batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
         else:
-            batch[key] = torch.cat(pad_to_common_shape(values))
+            batch[key] = torch.cat(pad_to_common_shape(values) if key != "pixel_values_videos" else
+                                   same_frame_count(values))
     return batch
+
+
+def same_frame_count(videos: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`pixel_values_videos` of LLaVA-OneVision and LLaVA-NeXT-Video are [videos, frames, 3, h, w], and their models
+    embed every frame of that tensor, zero-padded ones too, which would no longer match the prompt's video tokens.
+    (Qwen's are flat patches, [patches, dim], and concatenate as they are.)"""
+    counts = {video.shape[1] for video in videos if video.dim() == 5}
+    if len(counts) > 1:
+        raise ValueError(f"videos of {sorted(counts)} frames in one batch: this family's model takes one frame count "
+                         f"per batch; extract every video with the same extract.num_frames")
+    return videos
 
 
 def pad_to_common_shape(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -187,12 +259,51 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 
 def generation_inputs(rows: list[dict], processor, fam, frames_dir: Path = FRAMES) -> dict:
-    """A left-padded batch of prompts (everything before the first answer) for `generate`."""
-    texts, videos, fps = [], [], []
-    for row in rows:
+    """A left-padded batch of prompts (everything before the first answer) for `generate`, frames from the shards."""
+    return prompt_inputs(rows, [load_frames(row, frames_dir) for row in rows], processor, fam)
+
+
+def prompt_inputs(rows: list[dict], videos_per_row: list[list[np.ndarray]], processor, fam) -> dict:
+    """generation_inputs with each row's frames given (stages.ask samples them from a video file)."""
+    texts, videos, times = [], [], []
+    for row, row_videos in zip(rows, videos_per_row):
         messages, per_message = to_messages(row, fam, include_answers=False)
         texts.append(_render(processor, messages, generation_prompt=True))
-        videos.extend(load_frames(row, frames_dir)[:sum(per_message)])
-        fps.extend(sampling_fps(row)[:sum(per_message)])
-    return processor(text=texts, **fam.media_inputs(videos, fps), padding=True, padding_side="left",
+        frames = row_videos[:sum(per_message)]
+        videos.extend(frames)
+        times.extend(frame_times(row, frames))
+    return processor(text=texts, **fam.media_inputs(videos, times), padding=True, padding_side="left",
                      return_tensors="pt")
+
+
+# The registry. Imported last: the family modules use the shared helpers above.
+from stages.models.vlm import (  # noqa: E402
+    internvl,
+    llava,
+    llava_next_video,
+    llava_onevision,
+    qwen2_5_vl,
+    qwen2_vl,
+    qwen3_vl,
+    smolvlm,
+)
+
+FAMILIES: dict[str, Family] = {
+    "llava": llava,
+    "smolvlm": smolvlm,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+    "llava_onevision": llava_onevision,
+    "llava_next_video": llava_next_video,
+    "internvl": internvl,
+}
+# Families users ask for that this pipeline's chat path cannot train correctly, with the reason: asking for one
+# stops with it instead of training something wrong.
+UNSUPPORTED = {
+    "instructblip_video": (
+        "InstructBlipVideoProcessor puts exactly one video of 4 frames before the whole text of a sample (the "
+        "<video> placeholder's place and any other video are ignored), and hands that same text, the answers "
+        "included, to the Q-Former, so training on a chat row would show the model its own answers. Use "
+        "llava_next_video or internvl for a Vicuna/InternLM-style video model."),
+}

@@ -41,9 +41,9 @@ def user_content(text_parts: list[str], frames_per_video: list[int]) -> list[dic
     return content
 
 
-def media_inputs(frames_per_video: list, fps: list[float]) -> dict:
+def media_inputs(frames_per_video: list, times: list[list[float]]) -> dict:
     """Processor keyword arguments for a sample's videos (each a uint8 [n, h, w, 3] array): all frames as images
-    (LLaVA has no notion of time, so `fps` goes unused)."""
+    (LLaVA has no notion of time, so `times` goes unused)."""
     return {"images": [frame for video in frames_per_video for frame in video]} if frames_per_video else {}
 
 

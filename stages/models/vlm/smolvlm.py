@@ -1,5 +1,6 @@
 """SmolVLM2 family (Idefics3 lineage): each video goes through the processor's video path, which writes a timestamped
-line per frame ("Frame from 00:01:") followed by that frame's image tokens; frame times come from the sampling fps.
+line per frame ("Frame from 00:01:") followed by that frame's image tokens; the times are those `extract` recorded,
+passed as video metadata (stages.models.vlm.video_inputs).
 
 The tiny model is SmolVLM's own SigLIP-style vision tower, pixel-shuffle connector and Llama text model built from
 their config classes, with a real processor (SmolVLM image and video processors, a byte-level BPE tokenizer trained on
