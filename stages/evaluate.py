@@ -5,16 +5,17 @@ METEOR, exact match, attribute accuracy), eval/predictions.jsonl (one line per m
 the two comparison plots: eval/comparison.csv (the metrics on a 0-100 scale) and eval/cider_d.csv (CIDEr-D, whose
 scale goes to 1000 with one reference per sample).
 """
+import functools
 import json
 from pathlib import Path
 
 from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
-import torch
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer
 
 from stages.common.files import atomic_files, read_jsonl, write_json, write_jsonl
 from stages.common.params import load
 from stages.models import vlm
+from stages.results.answers import greedy_answers, source_prompts
 from stages.results.metrics import caption_scores
 from stages.training.trainer import trained_path
 
@@ -24,32 +25,17 @@ OUT = Path("eval")
 SCALE_100 = {"bleu", "rouge_l", "meteor"}   # already 0-100; the other metrics are fractions
 
 
-def batches(rows, size):
-    for start in range(0, len(rows), size):
-        yield rows[start:start + size]
-
-
-@torch.inference_mode()
 def answer_seq2seq(path: str, rows: list[dict], p: dict) -> list[str]:
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForSeq2SeqLM.from_pretrained(path).eval()
-    answers = []
-    for batch in batches(rows, p["batch_size"]):
-        inputs = tokenizer([row["source"] for row in batch], padding=True, return_tensors="pt")
-        output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=p["max_new_tokens"])
-        answers += tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [answer.strip() for answer in answers]
+    prompts = functools.partial(source_prompts, tokenizer)
+    return greedy_answers(model, tokenizer, prompts, rows, p["batch_size"], p["max_new_tokens"])
 
 
-@torch.inference_mode()
 def answer_vlm(path: str, family: str, rows: list[dict], p: dict) -> list[str]:
     fam = vlm.family(family)
-    processor, model = AutoProcessor.from_pretrained(path), fam.MODEL_CLASS.from_pretrained(path).eval()
-    answers = []
-    for batch in batches(rows, p["batch_size"]):
-        inputs = vlm.generation_inputs(batch, processor, fam)
-        output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=p["max_new_tokens"])
-        answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [answer.strip() for answer in answers]
+    processor, model = AutoProcessor.from_pretrained(path), vlm.load_model(fam, path).eval()
+    prompts = functools.partial(vlm.generation_inputs, processor=processor, fam=fam)
+    return greedy_answers(model, processor, prompts, rows, p["batch_size"], p["max_new_tokens"])
 
 
 def write_comparison(out: Path, metrics: dict) -> None:

@@ -14,11 +14,14 @@ import subprocess
 from pathlib import Path
 
 from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
+import numpy as np
 import yaml
-from transformers import AutoModelForSeq2SeqLM
+from ruamel.yaml import YAML  # as DVC reads params.yaml (YAML 1.2)
+from transformers import AutoModelForSeq2SeqLM, AutoProcessor
 
-from stages.common.files import atomic_dir, write_json
-from stages.common.params import load
+from stages.ask import SAMPLING_FILE, sampling_record
+from stages.common.files import atomic_dir, read_jsonl, write_json
+from stages.common.params import PARAMS_FILE, load
 from stages.models import vlm
 from stages.results import hub
 from stages.results.plots import render_card_plots
@@ -60,12 +63,74 @@ def export_model(name: str, training: dict, target: Path, max_shard_size: str) -
         shutil.copytree(source, target)
         return
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    model_class = vlm.family(training["family"]).MODEL_CLASS if name == "vlm" else AutoModelForSeq2SeqLM
-    model_class.from_pretrained(source).save_pretrained(target, max_shard_size=max_shard_size)
+    model = (vlm.load_model(vlm.family(training["family"]), str(source)) if name == "vlm"
+             else AutoModelForSeq2SeqLM.from_pretrained(source))
+    model.save_pretrained(target, max_shard_size=max_shard_size)
+
+
+def record_sampling(target: Path, family: str, max_new_tokens: int, max_length: int) -> dict:
+    """Write beside the exported VLM how it was fed in training (video_sampling.json: the extract params it was
+    trained on, the prompt layout, evaluate's greedy token limit), which `stages.ask` and the card's snippet read;
+    where the family's processor has a video processor that can take it, also set its own frame sampling to the
+    same count or rate (the record says whether it took it)."""
+    extract = json.loads((DATA / "frames" / "report.json").read_text())["params"]
+    row = read_jsonl(DATA / "manifest" / "train.jsonl")[0]
+    record = sampling_record(family, extract, row, max_new_tokens, max_length)
+    processor = AutoProcessor.from_pretrained(target)
+    record["video_processor"] = set_video_sampling(processor, record["sampling"])
+    if record["video_processor"] == "set":
+        processor.save_pretrained(target)
+    write_json(target / SAMPLING_FILE, record)
+    return record
+
+
+def set_video_sampling(processor, sampling: dict) -> str:
+    """Set the processor's own frame sampling (transformers' video path, used when a video is given whole) to
+    `sampling`'s count or rate: "set" when its sampler then runs on a longer clip and, by count, keeps that many
+    frames; otherwise the reason, with the processor left as it was. Which frames it picks and how it resizes stay
+    its own: only stages.ask gives the very frames of training."""
+    video = getattr(processor, "video_processor", None)
+    if video is None:
+        return "none: the family's processor takes frames as images"
+    before = dict(vars(video))
+    video.do_sample_frames = True
+    if sampling["num_frames"]:
+        video.num_frames, video.fps = sampling["num_frames"], None
+    else:
+        video.num_frames, video.fps = None, sampling["fps"]
+        video.min_frames, video.max_frames = sampling["min_frames"], sampling["max_frames"]
+    count = 4 * max(sampling["num_frames"], sampling["min_frames"], 1)   # a clip longer than what is kept, 8 fps
+    clip = np.zeros((count, 32, 32, 3), np.uint8)
+    try:
+        out = video(videos=[clip], video_metadata=[{"fps": 8.0, "total_num_frames": count, "duration": count / 8}],
+                    return_metadata=True)
+        kept = len(out["video_metadata"][0].frames_indices)
+    except (TypeError, ValueError) as error:
+        kept, reason = None, f"unchanged: its sampler cannot take this setting ({error})"
+    if kept is not None and (not sampling["num_frames"] or kept == sampling["num_frames"]):
+        return "set"
+    if kept is not None:
+        reason = f"unchanged: its sampler kept {kept} of {count} frames, not {sampling['num_frames']}"
+    vars(video).clear()
+    vars(video).update(before)
+    return reason
+
+
+def ask_snippet(model: str) -> str:
+    """The card's code that, pasted verbatim into a file, answers a question about a video file as `evaluate` did."""
+    return f"""```python
+# pip install "git+<the repository of this pipeline>"   (its README: "Ask the exported model")
+# python ask_video.py clip.mp4 "What does the clip show?"
+import sys
+
+from stages.ask import answer
+
+print(answer(sys.argv[1], sys.argv[2], model="{model}"))
+```"""
 
 
 def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: dict, dataset: str | None,
-               plots: list[Path]) -> str:
+               plots: list[Path], where: str = "<this folder or repo>", sampling: dict | None = None) -> str:
     task, processor_class = TASKS[name]
     model_class = vlm.family(training["family"]).MODEL_CLASS.__name__ if name == "vlm" else "AutoModelForSeq2SeqLM"
     base = training["base_model"]
@@ -95,14 +160,14 @@ def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: 
 # {name}
 
 Fine-tuned from {base_text} by the `train_{name}` stage of this DVC pipeline ({training['global_step']} steps,
-final training loss {training['train_loss']:.4f}).
+final training loss {training['train_loss']:.4f}). {kept_text(training["selection"])}
 
 ```python
 from transformers import {model_class}, {processor_class}
-model = {model_class}.from_pretrained("<this folder or repo>")
-processor = {processor_class}.from_pretrained("<this folder or repo>")
+model = {model_class}.from_pretrained("{where}")
+processor = {processor_class}.from_pretrained("{where}")
 ```
-
+{ask_section(where, sampling) if sampling else ""}
 ## Test metrics
 
 | metric | this model | untrained base |
@@ -124,6 +189,30 @@ Git commit: {commit}. Data, with its hashes from `dvc.lock`:
 | path | md5 |
 |---|---|
 {data_rows}
+"""
+
+
+def kept_text(selection: dict) -> str:
+    """Which weights these are: the best evaluation's (and its score), or the last step's."""
+    score = "" if selection["score"] is None else f", validation {selection['metric']} {selection['score']:.4g}"
+    which = "the best evaluation" if selection["keep"] == "best" else "the last step"
+    stopped = ", where early stopping ended the run" if selection["stopped_early"] else ""
+    return f"These are the weights of {which}: step {selection['step']}{score}{stopped}."
+
+
+def ask_section(where: str, sampling: dict) -> str:
+    frames = (f"{sampling['sampling']['num_frames']} frames spread evenly" if sampling["sampling"]["num_frames"]
+              else f"{sampling['sampling']['fps']} frames per second")
+    size = (f"{sampling['sampling']['frame_size']} px square" if sampling["sampling"]["frame_size"]
+            else f"at most {sampling['sampling']['max_pixels']} pixels, sides multiples of 28")
+    return f"""
+## Ask it about a video
+
+It was trained on {frames} over each video, {size}, laid out as `{json.dumps(sampling['prompt'])}`
+(`{SAMPLING_FILE}`). Saved as `ask_video.py`, this answers exactly as the pipeline's `evaluate` did, with the same
+frame sampler, prompt and greedy decoding:
+
+{ask_snippet(where)}
 """
 
 
@@ -150,6 +239,12 @@ reasons; `frames/<video sha256>.safetensors`: the extracted frames, one shard pe
 """
 
 
+def evaluate_token_limit() -> int:
+    """evaluate.max_new_tokens, which the export records so that it answers as evaluate did. Read, not validated:
+    validating is evaluate's (its schema is no dep of push, so a new evaluate knob does not rerun push)."""
+    return YAML(typ="safe").load(PARAMS_FILE.read_text())["evaluate"]["max_new_tokens"]
+
+
 def hub_namespace(p: dict) -> str:
     namespace = p["namespace"] or os.environ.get("HF_USER_ID", "")
     if not namespace:
@@ -162,6 +257,7 @@ def main() -> None:
     quiet_libraries()
     # Load
     p = load("push")["push"]
+    max_new_tokens = evaluate_token_limit()
     metrics = json.loads(Path("eval/metrics.json").read_text())
     git = git_state()
     namespace = hub_namespace(p) if p["target"] == "hf" else None
@@ -177,9 +273,12 @@ def main() -> None:
             training = json.loads((MODELS / name / "training.json").read_text())
             target = out / name
             export_model(name, training, target, p["max_shard_size"])
+            sampling = (record_sampling(target, training["family"], max_new_tokens, training["params"]["max_length"])
+                        if name == "vlm" else None)
+            where = f"{namespace}/{p['repo_prefix']}-{name}" if namespace else str(OUT / name)
             plots = render_card_plots(target / "plots")   # the card shows them; the Hub renders its own links
-            (target / "README.md").write_text(
-                model_card(name, training, metrics, lineage(f"train_{name}"), git, dataset_repo, plots))
+            (target / "README.md").write_text(model_card(name, training, metrics, lineage(f"train_{name}"), git,
+                                                         dataset_repo, plots, where, sampling))
             folders[name] = {f.relative_to(target).as_posix(): f for f in sorted(target.rglob("*")) if f.is_file()}
             receipt["models"][name] = {"path": str(OUT / name), "content_sha256": hub.content_sha256(folders[name])}
 

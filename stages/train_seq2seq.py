@@ -4,10 +4,12 @@ from the video's text metadata and the question; it never sees pixels.
 `train_seq2seq.model: tiny` builds an NLLB-architecture model and a tokenizer trained on our text, saves them, and
 loads them back by path; any other value is a local path or hub id and takes the same `from_pretrained` path.
 `train_seq2seq.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and
-`train_seq2seq.deepspeed` through DeepSpeed ZeRO (stages/training/distributed.py).
+`train_seq2seq.deepspeed` through DeepSpeed ZeRO (stages/training/distributed.py). The schedule (epochs or steps,
+evaluations, the kept weights, early stopping) is stages/training/schedule.py's.
 Output: models/seq2seq/{model/, base/ (tiny only), training.json, deepspeed.json (with DeepSpeed)}; curves in
 dvclive/train_seq2seq/.
 """
+import functools
 from pathlib import Path
 
 from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
@@ -15,14 +17,14 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
-    Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
 
 from stages.common.files import read_jsonl
 from stages.common.params import load, seed_everything
 from stages.models import tiny
-from stages.training import distributed
+from stages.results.answers import greedy_answers, source_prompts
+from stages.training import distributed, schedule
 from stages.training.trainer import (
     LiveCallback,
     ProgressBar,
@@ -61,6 +63,7 @@ def main() -> None:
     distributed.launch("stages.train_seq2seq", p)   # under torchrun / accelerate / deepspeed, when configured
     seed_everything(seed)
     train_rows, val_rows = read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl")
+    schedule.check("train_seq2seq", p, val_rows)
 
     with distributed.output_dir(OUT) as out:
         # Build (the main process builds the tiny model before any process joins the group, where ZeRO-3 would
@@ -82,13 +85,16 @@ def main() -> None:
         # accumulation steps, both meant for a loss summed over tokens (transformers 5.23)
         model.accepts_loss_kwargs = False
 
-        # Train
+        # Train (each evaluation also scores greedy captions of a few val rows when best_metric asks for it)
         timer = StepTimer()
-        trainer = Seq2SeqTrainer(
+        trainer = schedule.ScoredSeq2SeqTrainer(
             model=model, args=args, train_dataset=encode(train_rows, tokenizer, p),
             eval_dataset=encode(val_rows, tokenizer, p), processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-            callbacks=[timer, LiveCallback("dvclive/train_seq2seq")])
+            callbacks=[timer, LiveCallback("dvclive/train_seq2seq"), *schedule.callbacks(p)],
+            metric=p["best_metric"], rows=schedule.scored_rows(p, val_rows),
+            answer=lambda model, rows: greedy_answers(model, tokenizer, functools.partial(source_prompts, tokenizer),
+                                                      rows, p["batch_size"], p["max_target_length"]))
         ProgressBar.replace_printer(trainer, "train_seq2seq")
         resume = last_checkpoint(checkpoints)
         result = trainer.train(resume_from_checkpoint=resume)
@@ -98,7 +104,8 @@ def main() -> None:
         write_record(trainer, out, OUT, base, p, result, resumed_from=resume and Path(resume).name, **timer.summary())
     if distributed.is_main_process():
         remove_checkpoints("train_seq2seq")
-        print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f} -> {OUT}/")
+        print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f}, "
+              f"{schedule.describe(trainer.state, trainer.args)} -> {OUT}/")
     distributed.finish()
 
 

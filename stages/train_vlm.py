@@ -5,19 +5,21 @@ tiny model with a real processor and a tokenizer trained on our text, saves it, 
 value is a local path or hub id and takes the same `from_pretrained` path. `train_vlm.finetune` trains every weight or
 LoRA adapters (stages/training/finetune.py). The loss is on the assistant answers only (stages.models.vlm.encode).
 `train_vlm.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and `train_vlm.deepspeed`
-through DeepSpeed ZeRO (stages/training/distributed.py); DataLoader workers encode the samples. Output:
+through DeepSpeed ZeRO (stages/training/distributed.py); DataLoader workers encode the samples. The schedule (epochs
+or steps, evaluations, the kept weights, early stopping) is stages/training/schedule.py's. Output:
 models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), rejects.jsonl (samples over max_length),
 training.json, deepspeed.json (with DeepSpeed)}; curves in dvclive/train_vlm/."""
 import functools
 from pathlib import Path
 
 from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
-from transformers import AutoProcessor, Trainer
+from transformers import AutoProcessor
 
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.params import load, seed_everything
 from stages.models import vlm
-from stages.training import distributed, finetune
+from stages.results.answers import greedy_answers
+from stages.training import distributed, finetune, schedule
 from stages.training.trainer import (
     LiveCallback,
     ProgressBar,
@@ -42,6 +44,7 @@ def main() -> None:
     seed_everything(seed)
     fam = vlm.family(p["family"])
     train_rows, val_rows = read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl")
+    schedule.check("train_vlm", p, val_rows)
 
     with distributed.output_dir(OUT) as out:
         # Build (the main process builds the tiny model before any process joins the group, where ZeRO-3 would
@@ -75,13 +78,21 @@ def main() -> None:
                              f"{p['max_length']} tokens (the shortest has {shortest}); raise max_length or extract "
                              f"fewer frames")
 
-        # Train (DataLoader workers read the frame shards and encode the samples ahead of the model)
+        # Train (DataLoader workers read the frame shards and encode the samples ahead of the model; each evaluation
+        # also scores greedy answers to a few val rows when best_metric asks for it)
         datasets = [vlm.ManifestDataset(rows, processor, fam, p["max_length"]) for rows in (train_rows, val_rows)]
+        scored = schedule.scored_rows(p, val_rows)
+        answer_tokens = 2 * max(len(processor.tokenizer(row["target"])["input_ids"]) for row in scored)
         timer = StepTimer()
-        trainer = Trainer(
+        trainer = schedule.ScoredTrainer(
             model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
             data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
-            callbacks=[timer, LiveCallback("dvclive/train_vlm")])
+            callbacks=[timer, LiveCallback("dvclive/train_vlm"), *schedule.callbacks(p)],
+            metric=p["best_metric"], rows=scored,
+            # room for an answer twice the longest reference: a longer one scores low anyway
+            answer=lambda model, rows: greedy_answers(
+                model, processor, functools.partial(vlm.generation_inputs, processor=processor, fam=fam), rows,
+                p["batch_size"], answer_tokens))
         ProgressBar.replace_printer(trainer, "train_vlm")
         resume = last_checkpoint(checkpoints)
         result = trainer.train(resume_from_checkpoint=resume)
@@ -93,7 +104,8 @@ def main() -> None:
     if distributed.is_main_process():
         remove_checkpoints("train_vlm")
         print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "
-              f"{len(rejects)} samples over the token budget -> {OUT}/")
+              f"{schedule.describe(trainer.state, trainer.args)}, {len(rejects)} samples over the token "
+              f"budget -> {OUT}/")
     distributed.finish()
 
 

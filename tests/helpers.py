@@ -152,13 +152,14 @@ def read_curve(path):
     return [(int(step), float(value)) for step, value in (line.split("\t") for line in lines)]
 
 
-def wait_for_checkpoint(process, folder: Path, timeout: float = 120) -> int:
-    """The step of the first complete checkpoint (trainer_state.json is written last)."""
+def wait_for_checkpoint(process, folder: Path, timeout: float = 120, after: int = 0) -> int:
+    """The step of the first complete checkpoint past step `after` (trainer_state.json is written last)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        states = list(folder.glob("*/checkpoint-*/trainer_state.json"))
-        if states:
-            return int(states[0].parent.name.removeprefix("checkpoint-"))
+        steps = [int(state.parent.name.removeprefix("checkpoint-"))
+                 for state in folder.glob("*/checkpoint-*/trainer_state.json")]
+        if any(step > after for step in steps):
+            return min(step for step in steps if step > after)
         assert process.poll() is None, "training ended before it saved a checkpoint"
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint in {folder} after {timeout} s")

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from stages.common.params import ParamsError, load
@@ -52,7 +54,6 @@ def test_missing_block_is_named(tmp_path):
 def test_no_param_is_named_like_a_dvc_metadata_field():
     """DVC (3.67) leaves `size` and `nfiles` out of its run-cache key, at any depth: a param of that name would make
     `dvc repro` restore the outputs of another value. The e2e extract test caught exactly that."""
-    import json
 
     from stages.common.params import SCHEMA_DIR
 
@@ -64,17 +65,22 @@ def test_no_param_is_named_like_a_dvc_metadata_field():
         assert not {"size", "nfiles"} & set(names(json.loads(path.read_text()))), path
 
 
-def test_each_stage_depends_on_its_own_schema_and_base_only():
-    """A new knob in one block must not rerun the other stages: dvc.yaml lists exactly the schemas a stage reads."""
+def test_each_stage_depends_on_its_own_schema_base_and_the_shared_ones_it_refers_to_only():
+    """A new knob in one block must not rerun the other stages: dvc.yaml lists exactly the schemas a stage reads
+    (schedule.json: the trainers' shared keys)."""
     import yaml
 
     from stages.common.params import SCHEMA_DIR
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert {p.stem for p in SCHEMA_DIR.glob("*.json")} == {"base", *stages}
+    assert {p.stem for p in SCHEMA_DIR.glob("*.json")} == {"base", "schedule", *stages}
     for name, stage in stages.items():
+        schema = json.loads((SCHEMA_DIR / f"{name}.json").read_text())
+        shared = {f"stages/schema/params/{part['$ref']}" for part in schema.get("allOf", [])}
         schemas = {d for d in stage["deps"] if d.startswith("stages/schema/params")}
-        assert schemas == {"stages/schema/params/base.json", f"stages/schema/params/{name}.json"}, name
+        assert schemas == {"stages/schema/params/base.json", f"stages/schema/params/{name}.json", *shared}, name
+    assert {"train_seq2seq", "train_vlm"} <= {name for name, stage in stages.items()
+                                              if "stages/schema/params/schedule.json" in stage["deps"]}
 
 
 def docstring_only(path) -> bool:

@@ -6,6 +6,7 @@ Chromium is Debian's package (`apt-get install -y chromium`, which .ci/run does)
 """
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.results.plots import REPO, TEMPLATE, render_card_plots, template_html
+from stages.results.plots import REPO, SELECTION, TEMPLATE, render_card_plots, selection_spec, template_html
 
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "DVC_NO_ANALYTICS": "1"}
@@ -31,6 +32,7 @@ LOSS = {"seq2seq": [(0, 3.0), (5, 1.5), (10, 0.7)], "vlm": [(0, 4.0), (5, 2.5), 
 SCORES = [("bleu / vlm", 98.2), ("bleu / vlm_untrained", 0.0), ("attribute_accuracy / vlm", 99.1),
           ("attribute_accuracy / vlm_untrained", 33.0)]
 CIDER = [("cider_d / vlm", 981.0), ("cider_d / vlm_untrained", 2.0)]
+EVALUATIONS = {"seq2seq": [(5, 1.2), (10, 0.8)], "vlm": [(5, 2.0), (10, 0.6), (15, 0.7)]}   # vlm keeps step 10
 PLOTS = """plots:
   - Training loss:
       template: linear
@@ -53,6 +55,13 @@ def write_inputs(root: Path, loss_dir: str = "", eval_dir: str = "") -> None:
         path = root / loss_dir.format(model=model) / (f"{model}.tsv" if not loss_dir else "loss.tsv")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("step\tloss\n" + "".join(f"{step}\t{loss}\n" for step, loss in points))
+    for model, points in EVALUATIONS.items():   # what LiveCallback writes: each evaluation, and the kept one
+        folder = root / f"dvclive/train_{model}/plots/custom"
+        folder.mkdir(parents=True, exist_ok=True)
+        step, score = min(points, key=lambda point: point[1])
+        (folder / "evaluations.json").write_text(json.dumps([{"step": s, "score": v} for s, v in points]))
+        kept = {"step": step, "score": score, "metric": "loss", "keep": "best"}
+        (folder / "kept.json").write_text(json.dumps([kept]))
     (root / eval_dir).mkdir(parents=True, exist_ok=True)
     for name, rows in (("comparison.csv", SCORES), ("cider_d.csv", CIDER)):
         (root / eval_dir / name).write_text("entry,score\n" + "".join(f"{e},{s}\n" for e, s in rows))
@@ -170,7 +179,7 @@ def test_committed_template_is_what_the_pinned_package_generates():
 def test_card_plots_are_png_images(tmp_path):
     write_inputs(tmp_path, loss_dir="dvclive/train_{model}/plots/metrics/train", eval_dir="eval")
     written = render_card_plots(tmp_path / "card", root=tmp_path)
-    assert [p.name for p in written] == ["training_loss.png", "comparison.png", "cider_d.png"]
+    assert [p.name for p in written] == ["training_loss.png", "selection.png", "comparison.png", "cider_d.png"]
     for path in written:
         png = path.read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
@@ -183,3 +192,13 @@ def test_card_plots_need_their_inputs(tmp_path):
     (tmp_path / "eval/comparison.csv").unlink()
     with pytest.raises(FileNotFoundError, match="comparison.csv"):
         render_card_plots(tmp_path / "card", root=tmp_path)
+
+
+def test_the_selection_plot_draws_each_evaluation_and_marks_the_kept_step(tmp_path):
+    write_inputs(tmp_path, loss_dir="dvclive/train_{model}/plots/metrics/train", eval_dir="eval")
+    spec = selection_spec({model: {name: tmp_path / path for name, path in paths.items()}
+                           for model, paths in SELECTION.items()})
+    lines, kept = (layer["data"]["values"] for layer in spec["layer"])
+    assert len(lines) == 5 and {point["model"] for point in lines} == {"seq2seq (loss)", "vlm (loss)"}
+    assert kept == [{"model": "seq2seq (loss)", "step": 10, "score": 0.8},
+                    {"model": "vlm (loss)", "step": 10, "score": 0.6}]

@@ -1,6 +1,11 @@
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -10,7 +15,7 @@ from stages import push
 from stages.common.files import read_jsonl
 from stages.models import vlm
 from tests.fake_hub import FakeHub
-from tests.helpers import inside, write_params
+from tests.helpers import REPO, TINY_VLM, inside, write_params
 
 TOKEN = "hf_push_test_token"
 
@@ -70,9 +75,11 @@ def test_export_is_in_hub_layout_with_a_model_card(exported):
     assert "stages/train_seq2seq.py" not in (exported / "seq2seq" / "README.md").read_text()
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert 0 <= metrics["attribute_accuracy"] <= 1
-    for plot in ("training_loss", "comparison", "cider_d"):              # the card shows its plots, rendered offline
+    for plot in ("training_loss", "selection", "comparison", "cider_d"):  # the card shows its plots, rendered offline
         assert f"(plots/{plot}.png)" in card
         assert (exported / "vlm" / "plots" / f"{plot}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    kept = json.loads((exported.parent / "models/vlm/training.json").read_text())["selection"]
+    assert f"These are the weights of the best evaluation: step {kept['step']}, validation loss" in card
 
 
 def test_exported_models_load_and_generate_as_from_the_hub(exported, trained):
@@ -167,3 +174,47 @@ def test_hf_target_needs_a_namespace(trained, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_USER_ID", raising=False)
     with inside(folder), pytest.raises(SystemExit, match="HF_USER_ID"):
         push.main()
+
+
+def card_snippet(card: str) -> str:
+    """The Python block of the card's "Ask it about a video" section, as a user would copy it."""
+    return re.search(r"## Ask it about a video\n.*?```python\n(.*?)```", card, re.S).group(1)
+
+
+def test_the_cards_snippet_pasted_verbatim_answers_a_video_file_as_evaluate_did(exported, tmp_path):
+    """The export records how the model was fed (frames, size, prompt layout, token limit); the card's snippet,
+    run as a user would (PYTHONPATH standing in for `pip install` of this repository), decodes the test video file
+    itself and must print the very prediction evaluate wrote from the extracted frames."""
+    workspace = exported.parent
+    record = json.loads((exported / "vlm" / "video_sampling.json").read_text())
+    assert record["family"] == "llava" and record["max_new_tokens"] == 8 and record["max_length"] == 192
+    assert record["sampling"]["num_frames"] == 4 and record["sampling"]["frame_size"] == 32
+    assert record["prompt"] == [{"role": "user", "content": "<video>\n{question}"}]   # frames before the question
+    (tmp_path / "ask_video.py").write_text(card_snippet((exported / "vlm" / "README.md").read_text()))
+    predictions = {p["id"]: p["prediction"] for p in read_jsonl(workspace / "eval/predictions.jsonl")
+                   if p["model"] == "vlm"}
+    row = read_jsonl(workspace / "data/manifest/test.jsonl")[0]
+    video = next((workspace / "data/raw/videos").glob(row["videos"][0]["sha256"] + ".*"))
+    question = row["messages"][0]["content"].replace("<video>", "").strip()
+    result = subprocess.run([sys.executable, str(tmp_path / "ask_video.py"), str(video), question], cwd=workspace,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == predictions[row["id"]]
+
+
+# SmolVLM's sampler keeps min(fps x duration, num_frames) frames and needs its fps: it cannot take a count alone.
+OWN_VIDEO_SAMPLING = {"llava": "none", "smolvlm": "unchanged"}
+
+
+@pytest.mark.parametrize("name", list(vlm.FAMILIES))
+def test_the_export_sets_the_processors_own_video_sampling_where_it_can_take_it(name, small_data, tmp_path):
+    folder = vlm.family(name).build_tiny(TINY_VLM, ["a red circle moves left"] * 50, 32, tmp_path / "model")
+    with inside(small_data):
+        record = push.record_sampling(folder, name, max_new_tokens=8, max_length=4096)
+    assert json.loads((folder / "video_sampling.json").read_text()) == record
+    assert record["video_processor"].startswith(OWN_VIDEO_SAMPLING.get(name, "set")), record["video_processor"]
+    if record["video_processor"] == "set":          # transformers' own path, given a whole 16-frame clip, keeps 4
+        video = AutoProcessor.from_pretrained(folder).video_processor
+        out = video(videos=[np.zeros((16, 32, 32, 3), np.uint8)], return_metadata=True,
+                    video_metadata=[{"fps": 8.0, "total_num_frames": 16, "duration": 2.0}])
+        assert len(out["video_metadata"][0].frames_indices) == 4

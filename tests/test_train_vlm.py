@@ -74,3 +74,15 @@ def test_samples_over_the_token_budget_are_left_out_and_recorded_never_cut(works
     with pytest.raises(SystemExit, match=r"every train or val sample is longer than train_vlm.max_length=\d+ tokens"):
         train_vlm.main()
     assert not (workspace / "models/vlm.partial").exists()
+
+
+def test_lora_keeps_the_adapter_of_the_best_evaluation_by_a_generation_metric(workspace):
+    write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "finetune": "lora", "eval_every": 4,
+                                                   "best_metric": "cider_d", "best_samples": 4}})
+    train_vlm.main()
+    selection = json.loads((workspace / "models/vlm/training.json").read_text())["selection"]
+    scores = read_curve(workspace / "dvclive/train_vlm/plots/metrics/eval/cider_d.tsv")
+    assert [step for step, _ in scores] == [4, 8] and selection["greater_is_better"] is True
+    best = max(score for _, score in scores)
+    assert (selection["step"], selection["score"]) == (next(step for step, s in scores if s == best), best)
+    assert (workspace / "models/vlm/adapter/adapter_model.safetensors").exists()

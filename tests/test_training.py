@@ -11,6 +11,7 @@ import torch
 from transformers import Trainer
 
 from stages import train_seq2seq
+from stages.common.params import load
 from stages.training.trainer import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
 from tests.helpers import REPO, SMALL, wait_for_checkpoint, write_params
 
@@ -31,7 +32,7 @@ def test_the_checkpoint_folder_is_one_per_exact_run_and_a_changed_run_drops_the_
 
 
 def test_a_killed_training_run_resumes_from_its_last_checkpoint_and_cleans_up(workspace):
-    write_params(workspace, {**SMALL, "train_seq2seq": {**SMALL["train_seq2seq"], "max_steps": 40, "save_steps": 5}})
+    write_params(workspace, {**SMALL, "train_seq2seq": {**SMALL["train_seq2seq"], "max_steps": 40, "eval_every": 5}})
     process = subprocess.Popen([sys.executable, "-m", "stages.train_seq2seq"], cwd=workspace,
                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
@@ -82,7 +83,8 @@ class SlowModel(torch.nn.Module):
 def test_the_step_timer_measures_the_wait_for_data_that_loader_workers_hide(tmp_path, workers):
     """Reading in the training process leaves the step waiting half of the time; two workers that prefetch overlap
     the reading with the model's step. Evaluations (every 4 steps, also slow to read) count as neither."""
-    p = {"max_steps": 24, "batch_size": 1, "learning_rate": 0.01, "weight_decay": 0.0, "save_steps": 0,
+    p = {**load("train_seq2seq", REPO / "params.yaml")["train_seq2seq"], "max_steps": 24, "eval_every": 4,
+         "batch_size": 1, "learning_rate": 0.01, "weight_decay": 0.0, "keep": "last", "save_steps": 0,
          "gradient_accumulation_steps": 1, "bf16": False, "data_workers": workers, "prefetch_batches": 2,
          "deepspeed": {"enabled": False, "zero_stage": 2, "offload_optimizer": False, "offload_params": False}}
     timer = StepTimer()

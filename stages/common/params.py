@@ -3,6 +3,8 @@
 A stage calls `load("<stage>")` first thing: a typo or a wrong type in params.yaml stops it before any work, with a
 message naming the key, instead of surfacing later as a silent default or a confusing traceback. One schema file per
 block, so that a stage depends (in dvc.yaml) on its own schema and `base.json` only: a new push knob reruns push alone.
+Keys that several blocks share live in one schema of their own that those blocks `$ref` (schedule.json: every
+trainer's schedule).
 No key may be named `size` or `nfiles`: DVC drops those names from its run-cache key.
 """
 import json
@@ -10,6 +12,7 @@ import random
 from pathlib import Path
 
 import jsonschema
+from referencing import Registry, Resource
 from ruamel.yaml import YAML  # YAML 1.2, as DVC itself reads params: `1e-3` is a float, not a string
 
 PARAMS_FILE = Path("params.yaml")
@@ -28,22 +31,37 @@ def load(stage: str, path: Path = PARAMS_FILE) -> dict:
         if block not in document:
             raise ParamsError(f"{path}: missing block `{block}`")
         schema = json.loads((SCHEMA_DIR / f"{block}.json").read_text())
-        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(document[block]),
-                        key=lambda e: list(e.absolute_path))
+        validator = jsonschema.Draft202012Validator(schema, registry=_shared_schemas())
+        errors = sorted(validator.iter_errors(document[block]), key=lambda e: list(e.absolute_path))
         if errors:
             raise ParamsError(f"{path}: " + "; ".join(_describe(block, e) for e in errors))
         params[block] = document[block]
     return params
 
 
+def _shared_schemas() -> Registry:
+    """Every schema file by its name, so that `{"$ref": "schedule.json"}` finds it offline."""
+    return Registry().with_resources(
+        (path.name, Resource.from_contents(json.loads(path.read_text()))) for path in SCHEMA_DIR.glob("*.json"))
+
+
 def _describe(block: str, error: jsonschema.ValidationError) -> str:
     key = ".".join([block, *map(str, error.absolute_path)])
-    if error.validator == "additionalProperties":
-        unknown = sorted(set(error.instance) - set(error.schema["properties"]))
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})) - _shared_keys(error.schema))
         return "; ".join(f"unknown key `{key}.{name}`" for name in unknown)
+    if error.validator == "anyOf":
+        forms = " or ".join(json.dumps(sub) for sub in error.validator_value)
+        return f"`{key}`: {error.instance!r} is none of {forms}"
     if error.validator == "required":
         return f"missing key `{key}.{error.message.split(chr(39))[1]}`"
     return f"`{key}`: {error.message}"
+
+
+def _shared_keys(schema: dict) -> set[str]:
+    """The keys a block takes from the schemas it `$ref`s."""
+    shared = [json.loads((SCHEMA_DIR / part["$ref"]).read_text()) for part in schema.get("allOf", [])]
+    return {key for sub in shared for key in sub["properties"]}
 
 
 def seed_everything(seed: int) -> None:

@@ -84,11 +84,27 @@ def attribute_accuracy(predictions: list[str], truths: list[dict]) -> dict[str, 
     return scores
 
 
+# The metrics of a caption against its reference; attribute accuracy also needs the rows' ground-truth attributes.
+CAPTION_METRICS = {"bleu": bleu, "rouge_l": rouge_l, "cider_d": cider_d, "meteor": meteor, "exact_match": exact_match}
+
+
+def metric_names(rows: list[dict]) -> list[str]:
+    """The metrics that `score` computes on these rows: the caption metrics, and attribute accuracy where every row
+    has ground-truth attributes (the synthetic set)."""
+    with_attributes = bool(rows) and all("attributes" in row for row in rows)
+    return [*CAPTION_METRICS, *(["attribute_accuracy"] if with_attributes else [])]
+
+
+def score(name: str, predictions: list[str], rows: list[dict]) -> float:
+    """One metric of `metric_names(rows)` (unrounded): what a trainer selects its best checkpoint by."""
+    if name == "attribute_accuracy":
+        return attribute_accuracy(predictions, [row["attributes"] for row in rows])[name]
+    return CAPTION_METRICS[name](predictions, [row["target"] for row in rows])
+
+
 def caption_scores(predictions: list[str], rows: list[dict]) -> dict[str, float]:
     references = [row["target"] for row in rows]
-    scores = {"bleu": bleu(predictions, references), "rouge_l": rouge_l(predictions, references),
-              "cider_d": cider_d(predictions, references), "meteor": meteor(predictions, references),
-              "exact_match": exact_match(predictions, references)}
+    scores = {name: metric(predictions, references) for name, metric in CAPTION_METRICS.items()}
     with_truth = [(said, row["attributes"]) for said, row in zip(predictions, rows) if "attributes" in row]
     if with_truth:
         scores.update(attribute_accuracy(*map(list, zip(*with_truth))))

@@ -48,6 +48,9 @@ __BUNDLE__
 # The card plots read what dvc.yaml's `plots:` section plots, relative to the repository (or workspace) root.
 LOSS_CURVES = {"seq2seq": "dvclive/train_seq2seq/plots/metrics/train/loss.tsv",
                "vlm": "dvclive/train_vlm/plots/metrics/train/loss.tsv"}
+# the trainers' model selection (LiveCallback in stages/training/trainer.py): each evaluation's score, and the kept one
+SELECTION = {model: {"evaluations": f"dvclive/train_{model}/plots/custom/evaluations.json",
+                     "kept": f"dvclive/train_{model}/plots/custom/kept.json"} for model in ("seq2seq", "vlm")}
 COMPARISON = "eval/comparison.csv"
 CIDER_D = "eval/cider_d.csv"
 
@@ -89,6 +92,26 @@ def loss_spec(curves: dict[str, Path]) -> dict:
                          "color": {"field": "model", "type": "nominal", "title": "model"}}}
 
 
+def selection_spec(selections: dict[str, dict[str, Path]]) -> dict:
+    """One line per model through its validation score at each evaluation, and a large point on the step whose
+    weights the model kept (the best under `keep: best`, else the last). The metric may differ between models: it
+    names each line."""
+    lines, kept = [], []
+    for model, paths in selections.items():
+        points = {name: json.loads(Path(path).read_text()) for name, path in paths.items()}
+        label = f"{model} ({points['kept'][0]['metric']})"
+        lines += [{"model": label, "step": p["step"], "score": p["score"]} for p in points["evaluations"]]
+        kept += [{"model": label, "step": p["step"], "score": p["score"]} for p in points["kept"]]
+    encoding = {"x": {"field": "step", "type": "quantitative", "title": "step"},
+                "y": {"field": "score", "type": "quantitative", "title": "validation score"},
+                "color": {"field": "model", "type": "nominal", "title": "model"}}
+    return {"$schema": SCHEMA, "title": "Model selection: validation score per evaluation, the kept step marked",
+            "width": 480, "height": 280, "encoding": encoding,
+            "layer": [{"data": {"values": lines}, "mark": {"type": "line", "point": True}},
+                      {"data": {"values": kept}, "mark": {"type": "point", "shape": "diamond", "size": 220,
+                                                         "filled": True, "opacity": 0.9}}]}
+
+
 def bars_spec(path: Path, title: str) -> dict:
     """evaluate's table (entry "metric / model", score) as grouped bars: one group per metric, one colour per model,
     so that each trained model sits beside its untrained twin."""
@@ -108,11 +131,14 @@ def bars_spec(path: Path, title: str) -> dict:
 
 
 def render_card_plots(out_dir: str | Path, root: str | Path = ".") -> list[Path]:
-    """PNGs for the model card, written into out_dir: training_loss.png (both models' training loss), comparison.png
-    (the test metrics on a 0-100 scale, trained vs untrained) and cider_d.png (CIDEr-D, trained vs untrained).
-    Reads LOSS_CURVES, COMPARISON and CIDER_D under root; a missing one raises FileNotFoundError."""
+    """PNGs for the model card, written into out_dir: training_loss.png (both models' training loss),
+    selection.png (their validation score per evaluation, the kept step marked), comparison.png (the test metrics
+    on a 0-100 scale, trained vs untrained) and cider_d.png (CIDEr-D, trained vs untrained).
+    Reads LOSS_CURVES, SELECTION, COMPARISON and CIDER_D under root; a missing one raises FileNotFoundError."""
     root, out_dir = Path(root), Path(out_dir)
+    selections = {model: {name: root / path for name, path in paths.items()} for model, paths in SELECTION.items()}
     specs = {"training_loss.png": loss_spec({model: root / path for model, path in LOSS_CURVES.items()}),
+             "selection.png": selection_spec(selections),
              "comparison.png": bars_spec(root / COMPARISON, "Test metrics, trained vs untrained"),
              "cider_d.png": bars_spec(root / CIDER_D, "CIDEr-D, trained vs untrained")}
     out_dir.mkdir(parents=True, exist_ok=True)

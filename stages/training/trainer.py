@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import torch
+from dvclive import Live
 from dvclive.plots import Metric
 from tqdm import tqdm
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-from dvclive import Live
 from stages.common.files import write_json
+from stages.training import schedule
 from stages.training.distributed import deepspeed_config, is_main_process
 
 CHECKPOINTS = Path("checkpoints")
@@ -62,21 +63,19 @@ def use_bf16(p: dict) -> bool:
 
 
 def training_arguments(p: dict, seed: int, output_dir: str, args_class=TrainingArguments, **extra):
-    """One schedule for every trainer: AdamW, linear decay after 5 % warm-up, ~30 log points, 5 evaluations, the
-    latest checkpoint every `save_steps` (0: none) in `output_dir`; DeepSpeed when `deepspeed.enabled`.
+    """Every trainer's arguments: AdamW with a linear decay after the warm-up, and the length, evaluations,
+    checkpoints (in `output_dir`), kept weights and early stopping of stages/training/schedule.py; DeepSpeed when
+    `deepspeed.enabled`.
 
     Creating them joins the process group when an engine launched this process: do it before loading the model, which
     ZeRO-3 then partitions as it loads.
     """
     workers, deepspeed = p["data_workers"], deepspeed_config(p["deepspeed"])
     return args_class(
-        output_dir=output_dir, max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
+        output_dir=output_dir, **schedule.arguments(p), per_device_train_batch_size=p["batch_size"],
         per_device_eval_batch_size=p["batch_size"], gradient_accumulation_steps=p["gradient_accumulation_steps"],
-        learning_rate=p["learning_rate"], weight_decay=p["weight_decay"], warmup_steps=0.05,
-        lr_scheduler_type="linear", bf16=use_bf16(p),
-        logging_steps=max(1, p["max_steps"] // 30), eval_strategy="steps", eval_steps=max(1, p["max_steps"] // 5),
-        save_strategy="steps" if p["save_steps"] else "no", save_steps=max(1, p["save_steps"]), save_total_limit=1,
-        report_to="none", seed=seed, data_seed=seed, disable_tqdm=True,
+        learning_rate=p["learning_rate"], weight_decay=p["weight_decay"], lr_scheduler_type="linear",
+        bf16=use_bf16(p), report_to="none", seed=seed, data_seed=seed, disable_tqdm=True,
         dataloader_num_workers=workers, dataloader_prefetch_factor=p["prefetch_batches"] if workers else None,
         dataloader_persistent_workers=workers > 0, dataloader_pin_memory=torch.cuda.is_available(),
         deepspeed=copy.deepcopy(deepspeed),   # a copy: transformers fills in the "auto"s
@@ -93,8 +92,8 @@ def save_model(trainer, folder: Path) -> None:
 
 
 def write_record(trainer, out: Path, final: Path, base: str, p: dict, result, **record) -> None:
-    """On rank 0: `out`/training.json (base model, params, how it ran, final step and loss, and `record`), and the
-    DeepSpeed config as generated, `out`/deepspeed.json.
+    """On rank 0: `out`/training.json (base model, params, how it ran, final step and loss, the kept step and its
+    score, and `record`), and the DeepSpeed config as generated, `out`/deepspeed.json.
 
     `out` is the stage's scratch folder that becomes `final`: a tiny base saved inside it is recorded by its final path.
     """
@@ -109,7 +108,8 @@ def write_record(trainer, out: Path, final: Path, base: str, p: dict, result, **
               "optimizer_peak_lr": optimizer.param_groups[0]["initial_lr"]}   # what the optimizer got, auto or not
     write_json(out / "training.json", {"base_model": base.replace(str(out), str(final)), "params": p, **record,
                                        "engine": engine, "global_step": result.global_step,
-                                       "train_loss": result.training_loss})
+                                       "train_loss": result.training_loss,
+                                       "selection": schedule.selection(trainer.state, trainer.args)})
 
 
 def trained_path(models: Path) -> Path:
@@ -199,7 +199,9 @@ class ProgressBar(TrainerCallback):
 
 
 class LiveCallback(TrainerCallback):
-    """Log every Trainer log line to dvclive at x = global step, from the main process only.
+    """Log every Trainer log line to dvclive at x = global step, from the main process only; at the end, the model
+    selection as two custom plots, plots/custom/{evaluations,kept}.json: the selection metric at each evaluation
+    and at the step whose weights were kept, so that a plot marks that step.
 
     transformers' own DVCLiveCallback counts log calls as steps, so training and eval curves (logged at different
     intervals) would not line up, nor would runs with other logging intervals.
@@ -225,5 +227,10 @@ class LiveCallback(TrainerCallback):
         self.live.make_summary()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.live is not None:
-            self.live.end()
+        if self.live is None:
+            return
+        chosen = schedule.selection(state, args)
+        kept = {key: chosen[key] for key in ("step", "score", "metric", "keep")}
+        for name, points in (("evaluations", chosen["evaluations"]), ("kept", [kept])):
+            self.live.log_plot(name, points, x="step", y="score", template="scatter", y_label=chosen["metric"])
+        self.live.end()
