@@ -142,7 +142,8 @@ def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
     assert shown["lr-high"]["train_vlm.learning_rate"] == "0.002"
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                    "llava_next_video", "internvl"])
 def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
     repo = pipeline["repo"]
     output = exp_run(repo, f"train_vlm.family={family}", "train_vlm.max_steps=60")
@@ -198,7 +199,7 @@ def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(pipeline):
     reset_params(repo)                                  # this test edits params.yaml itself: from the committed one
     yaml_rt = YAML()
     params = yaml_rt.load((repo / "params.yaml").read_text())
-    params["train_seq2seq"].update({"max_steps": 300, "save_steps": 50})
+    params["train_seq2seq"].update({"max_steps": 300, "eval_every": 50})   # keep: best saves at each evaluation
     with open(repo / "params.yaml", "w") as f:
         yaml_rt.dump(params, f)
     process = subprocess.Popen(["dvc", "repro", "train_seq2seq"], cwd=repo, env=ENV, stdout=subprocess.DEVNULL,
