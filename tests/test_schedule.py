@@ -45,7 +45,7 @@ def overfit(workspace: Path, **overrides) -> dict:
     return load("train_seq2seq", workspace / "params.yaml")["train_seq2seq"]
 
 
-def trained(workspace: Path) -> tuple[dict, bytes]:
+def selection_and_weights(workspace: Path) -> tuple[dict, bytes]:
     """train_seq2seq's selection record and its saved weights."""
     record = json.loads((workspace / "models/seq2seq/training.json").read_text())
     return record["selection"], (workspace / "models/seq2seq/model/model.safetensors").read_bytes()
@@ -89,7 +89,7 @@ class LastWeights(TrainerCallback):
 def test_early_stopping_stops_at_the_evaluation_patience_after_the_best(workspace):
     overfit(workspace, early_stopping_patience=2)
     train_seq2seq.main()
-    kept, _ = trained(workspace)
+    kept, _ = selection_and_weights(workspace)
     record = json.loads((workspace / "models/seq2seq/training.json").read_text())
     after = [e["score"] for e in kept["evaluations"] if e["step"] > kept["step"]]
     assert kept["stopped_early"] and len(after) == 2 and min(after) >= kept["score"]
@@ -109,14 +109,14 @@ def test_epochs_and_steps_that_describe_the_same_schedule_train_identical_models
                    {"epochs": 0, "max_steps": 3 * steps_per_epoch, "eval_every": steps_per_epoch}):
         write_params(workspace, {**SMALL, "train_seq2seq": {**SMALL["train_seq2seq"], **length}})
         train_seq2seq.main()
-        results.append(trained(workspace))
+        results.append(selection_and_weights(workspace))
     assert results[0] == results[1] and len(results[0][0]["evaluations"]) == 3
 
 
 def test_a_killed_run_resumes_and_keeps_the_best_it_found_before_the_kill(workspace):
     overfit(workspace)
     train_seq2seq.main()
-    expected = trained(workspace)
+    expected = selection_and_weights(workspace)
     for output in ("models", "dvclive"):
         shutil.rmtree(workspace / output)
 
@@ -131,7 +131,7 @@ def test_a_killed_run_resumes_and_keeps_the_best_it_found_before_the_kill(worksp
     train_seq2seq.main()
     record = json.loads((workspace / "models/seq2seq/training.json").read_text())
     assert int(record["resumed_from"].removeprefix("checkpoint-")) >= saved > expected[0]["step"]
-    assert trained(workspace) == expected
+    assert selection_and_weights(workspace) == expected
 
 
 @pytest.mark.parametrize("length, named", [
@@ -161,7 +161,7 @@ def test_a_generation_metric_selects_by_greedy_answers_and_higher_is_better(work
     write_params(workspace, {**SMALL, "train_seq2seq": {**SMALL["train_seq2seq"], "max_steps": 12, "eval_every": 4,
                                                         "best_metric": "attribute_accuracy", "best_samples": 4}})
     train_seq2seq.main()
-    kept, _ = trained(workspace)
+    kept, _ = selection_and_weights(workspace)
     scores = read_curve(workspace / "dvclive/train_seq2seq/plots/metrics/eval/attribute_accuracy.tsv")
     assert [step for step, _ in scores] == [4, 8, 12] and kept["greater_is_better"] is True
     assert all(0 <= score <= 1 for _, score in scores)
