@@ -167,3 +167,33 @@ def test_a_generation_metric_selects_by_greedy_answers_and_higher_is_better(work
     assert all(0 <= score <= 1 for _, score in scores)
     first_best = next(step for step, score in scores if score == max(s for _, s in scores))
     assert (kept["step"], kept["score"]) == (first_best, max(s for _, s in scores))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_vlm_checkpoint_loads_back_for_keep_best_and_for_a_resume(small_data, tmp_path, family):
+    """transformers saves these families under their hub key names; the Trainer's own plain load_state_dict matched
+    none of them (and only warned), so `keep: best` kept the last weights and a resume went on from fresh ones."""
+    from transformers import TrainingArguments
+
+    from stages.models import vlm
+    from tests.helpers import TINY_VLM
+
+    fam = vlm.family(family)
+    rows = read_jsonl(small_data / "data/manifest/train.jsonl")
+    path = fam.build_tiny(TINY_VLM, [m["content"] for r in rows for m in r["messages"]], 32, tmp_path / "base")
+    model = vlm.load_model(fam, str(path))
+    trainer = schedule.ScoredTrainer(model=model, args=TrainingArguments(str(tmp_path / "out"), use_cpu=True,
+                                                                         report_to="none"))
+    trainer.save_model(tmp_path / "checkpoint-1")
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    def changed_then(load):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
+        load()
+        return all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+
+    assert changed_then(lambda: trainer._load_from_checkpoint(str(tmp_path / "checkpoint-1")))
+    trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")
+    assert changed_then(trainer._load_best_model)

@@ -14,7 +14,7 @@ the early-stopping count, across a kill and a resume.
 """
 from collections.abc import Callable
 
-from transformers import EarlyStoppingCallback, Seq2SeqTrainer, Trainer
+from transformers import EarlyStoppingCallback, PreTrainedModel, Seq2SeqTrainer, Trainer
 
 from stages.results import metrics
 
@@ -78,7 +78,9 @@ def scored_rows(p: dict, val_rows: list[dict]) -> list[dict]:
 class ScoredEvaluation:
     """Mixin for a transformers Trainer: each evaluation also scores `answer`'s greedy answers to `rows` by
     `metric` when that is a generation metric. The score joins eval_loss in the evaluation's metrics, so the
-    Trainer's best-model tracking, early stopping and logging (dvclive: eval/<metric>) all see it."""
+    Trainer's best-model tracking, early stopping and logging (dvclive: eval/<metric>) all see it.
+
+    It also loads checkpoints back correctly, for `keep: best` and for a resume (`_load_weights`)."""
 
     def __init__(self, *args, metric: str = LOSS, answer: Answer | None = None, rows: list[dict] = (), **kwargs):
         super().__init__(*args, **kwargs)
@@ -90,6 +92,31 @@ class ScoredEvaluation:
             answers = self.answer(self.model, self.rows)
             output.metrics[f"{metric_key_prefix}_{self.metric}"] = metrics.score(self.metric, answers, self.rows)
         return output
+
+    def _load_weights(self, checkpoint: str) -> bool:
+        """Load a checkpoint's full-model weights into the model through `from_pretrained`, strictly; False where the
+        Trainer's own loading applies (a PEFT adapter, DeepSpeed, FSDP).
+
+        transformers 5.23 saves the VLMs (Llava, Qwen2-VL, ...) under their hub key names (a conversion mapping),
+        while the Trainer loads a checkpoint back with a plain `load_state_dict(strict=False)`, which matches none
+        of those keys and only warns: `keep: best` then kept the last weights, and a resumed run went on from the
+        weights it had just loaded instead of the checkpoint's. `from_pretrained` applies the mapping.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(model, PreTrainedModel) or \
+                getattr(model, "peft_config", None):
+            return False
+        saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if model is not None or not self._load_weights(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if not self._load_weights(self.state.best_model_checkpoint):
+            super()._load_best_model()
 
     def _issue_warnings_after_load(self, load_result):
         # Loading the best checkpoint, transformers 5.23 reports a tied weight (NLLB's embed_tokens and lm_head, tied
