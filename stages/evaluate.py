@@ -1,7 +1,8 @@
 """evaluate: greedy answers on the test split from both trained models and from their untrained starting weights.
 
 Output: eval/metrics.json ({"seq2seq", "seq2seq_untrained", "vlm", "vlm_untrained"} -> BLEU-4, ROUGE-L, CIDEr-D,
-METEOR, exact match, attribute accuracy), eval/predictions.jsonl (one line per model and sample), and the tables of
+METEOR, exact match, attribute accuracy; "vlm" is align_vlm's model when that stage trained one, and "vlm_sft" then
+scores the train_vlm model it started from), eval/predictions.jsonl (one line per model and sample), and the tables of
 the two comparison plots: eval/comparison.csv (the metrics on a 0-100 scale) and eval/cider_d.csv (CIDEr-D, whose
 scale goes to 1000 with one reference per sample).
 """
@@ -17,7 +18,7 @@ from stages.common.params import load
 from stages.models import vlm
 from stages.results.answers import greedy_answers, source_prompts
 from stages.results.metrics import caption_scores
-from stages.training.trainer import trained_path
+from stages.training.trainer import final_output, trained_path
 
 MANIFEST = Path("data/manifest")
 MODELS = Path("models")
@@ -59,14 +60,17 @@ def main() -> None:
     rows = read_jsonl(MANIFEST / "test.jsonl")
     seq2seq_record = json.loads((MODELS / "seq2seq" / "training.json").read_text())
     vlm_record = json.loads((MODELS / "vlm" / "training.json").read_text())
+    final = final_output(MODELS, "vlm")   # align_vlm's model when it trained, else train_vlm's
 
     # Generate
     answers = {
         "seq2seq": answer_seq2seq(str(MODELS / "seq2seq" / "model"), rows, p),
         "seq2seq_untrained": answer_seq2seq(seq2seq_record["base_model"], rows, p),
-        "vlm": answer_vlm(str(trained_path(MODELS / "vlm")), vlm_record["family"], rows, p),
+        "vlm": answer_vlm(str(trained_path(final)), vlm_record["family"], rows, p),
         "vlm_untrained": answer_vlm(vlm_record["base_model"], vlm_record["family"], rows, p),
     }
+    if final != MODELS / "vlm":   # the SFT model it was aligned from: what the alignment gained
+        answers["vlm_sft"] = answer_vlm(str(trained_path(MODELS / "vlm")), vlm_record["family"], rows, p)
 
     # Score and save
     metrics = {name: caption_scores(predicted, rows) for name, predicted in answers.items()}

@@ -3,7 +3,8 @@
 A sample whose video was quarantined by `extract`, or whose row breaks the schema, is not silently lost: it goes to
 data/manifest/rejects.jsonl with its reason, beside the rows `collect` could not import, and stats.json (a DVC
 metric) counts rows per split and rejects by kind. Samples collected without a caption take the auto-caption
-`extract` made, if it made one.
+`extract` made, if it made one. A preference pair keeps its rejected answer beside the conversation, whose last
+assistant turn is the chosen one.
 """
 import json
 from collections import Counter
@@ -66,8 +67,9 @@ def build_row(sample: dict, decoded: dict) -> dict:
     sample = {**sample, "transcript": " ".join(transcripts) or sample.get("meta", {}).get("transcript")}
     row = {"id": sample["id"], "split": sample["split"], "videos": videos,
            "messages": chat(sample, caption, len(videos)), "source": seq2seq_source(sample), "target": caption}
-    if "attributes" in sample:
-        row["attributes"] = sample["attributes"]
+    for key in ("attributes", "rejected"):
+        if key in sample:
+            row[key] = sample[key]
     return row
 
 
@@ -75,6 +77,12 @@ def check_placeholders(row: dict) -> None:
     found = sum(m["content"].count(VIDEO) for m in row["messages"] if m["role"] == "user")
     if found != len(row["videos"]):
         raise ValueError(f"{found} {VIDEO} placeholders for {len(row['videos'])} videos")
+
+
+def check_pair(row: dict) -> None:
+    """A preference pair's rejected answer stands in for the last assistant turn, the chosen one: they must differ."""
+    if "rejected" in row and row["rejected"] == [m for m in row["messages"] if m["role"] == "assistant"][-1]["content"]:
+        raise ValueError("preference pair: the rejected answer equals the chosen one")
 
 
 def main() -> None:
@@ -98,6 +106,7 @@ def main() -> None:
                 field = "/".join(map(str, error.absolute_path)) or "(row)"
                 raise ValueError(f"schema: field {field}: {error.message}")
             check_placeholders(row)
+            check_pair(row)
         except (KeyError, ValueError) as error:
             reason = f"missing field {error}" if isinstance(error, KeyError) else str(error)
             kind = ":".join(reason.split(":")[:2 if reason.startswith("video quarantined") else 1])

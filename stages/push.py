@@ -25,7 +25,7 @@ from stages.common.params import PARAMS_FILE, load
 from stages.models import vlm
 from stages.results import hub
 from stages.results.plots import render_card_plots
-from stages.training.trainer import trained_path
+from stages.training.trainer import final_output, trained_path
 
 MODELS = Path("models")
 DATA = Path("data")
@@ -55,10 +55,10 @@ def git_state() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def export_model(name: str, training: dict, target: Path, max_shard_size: str) -> None:
-    """The trained folder, its weights re-saved in shards of at most `max_shard_size` (a LoRA adapter, which is
-    small, as it is)."""
-    source = trained_path(MODELS / name)
+def export_model(name: str, output: Path, training: dict, target: Path, max_shard_size: str) -> None:
+    """The trained folder of a trainer's `output`, its weights re-saved in shards of at most `max_shard_size` (a LoRA
+    adapter, which is small, as it is)."""
+    source = trained_path(output)
     if (source / "adapter_config.json").exists():
         shutil.copytree(source, target)
         return
@@ -150,8 +150,9 @@ def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: 
     base_text = (f"[`{base}`](https://huggingface.co/{base})" if not local
                  else f"a tiny model built offline from its config class (random init, saved at `{base}`)"
                  if base.startswith(str(MODELS)) else f"the local model `{base}`")
-    rows = "\n".join(f"| {metric} | {value} | {metrics.get(name + '_untrained', {}).get(metric, '')} |"
-                     for metric, value in scores.items())
+    sft = metrics.get(f"{name}_sft")   # the model an alignment started from, when one ran
+    rows = "\n".join(f"| {metric} | {value} |" + (f" {sft.get(metric, '')} |" if sft else "")
+                     + f" {metrics.get(name + '_untrained', {}).get(metric, '')} |" for metric, value in scores.items())
     data_rows = "\n".join(f"| `{d['path']}` | `{d['md5']}` |" for d in data)
     commit = f"`{git['commit']}`" + (" (with uncommitted changes)" if git["dirty"] else "") if git["commit"] else "none"
     images = "\n\n".join(f"![{plot.stem.replace('_', ' ')}](plots/{plot.name})" for plot in plots)
@@ -159,8 +160,8 @@ def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: 
 {yaml.safe_dump(front, sort_keys=False)}---
 # {name}
 
-Fine-tuned from {base_text} by the `train_{name}` stage of this DVC pipeline ({training['global_step']} steps,
-final training loss {training['train_loss']:.4f}). {kept_text(training["selection"])}
+{origin_text(name, training, base_text)} ({training['global_step']} steps, final training loss
+{training['train_loss']:.4f}). {kept_text(training["selection"])}
 
 ```python
 from transformers import {model_class}, {processor_class}
@@ -170,8 +171,8 @@ processor = {processor_class}.from_pretrained("{where}")
 {ask_section(where, sampling) if sampling else ""}
 ## Test metrics
 
-| metric | this model | untrained base |
-|---|---|---|
+| metric | this model |{" before alignment (SFT) |" if sft else ""} untrained base |
+|---|---|{"---|" if sft else ""}---|
 {rows}
 
 {images}
@@ -190,6 +191,14 @@ Git commit: {commit}. Data, with its hashes from `dvc.lock`:
 |---|---|
 {data_rows}
 """
+
+
+def origin_text(name: str, training: dict, base_text: str) -> str:
+    """Which stage made the weights, from what."""
+    if "method" in training:
+        return (f"Aligned with {training['method'].upper()} (trl) by the `align_vlm` stage of this DVC pipeline, from "
+                f"the supervised model of `train_vlm` (`{training['base_model']}`)")
+    return f"Fine-tuned from {base_text} by the `train_{name}` stage of this DVC pipeline"
 
 
 def kept_text(selection: dict) -> str:
@@ -270,14 +279,16 @@ def main() -> None:
     with atomic_dir(OUT) as out:
         receipt, folders = {"target": p["target"], "git": git, "models": {}}, {}
         for name in TASKS:
-            training = json.loads((MODELS / name / "training.json").read_text())
+            output = final_output(MODELS, name)   # the VLM: align_vlm's when it trained one
+            training = json.loads((output / "training.json").read_text())
             target = out / name
-            export_model(name, training, target, p["max_shard_size"])
+            export_model(name, output, training, target, p["max_shard_size"])
             sampling = (record_sampling(target, training["family"], max_new_tokens, training["params"]["max_length"])
                         if name == "vlm" else None)
             where = f"{namespace}/{p['repo_prefix']}-{name}" if namespace else str(OUT / name)
             plots = render_card_plots(target / "plots")   # the card shows them; the Hub renders its own links
-            (target / "README.md").write_text(model_card(name, training, metrics, lineage(f"train_{name}"), git,
+            stage = "align_vlm" if "method" in training else f"train_{name}"
+            (target / "README.md").write_text(model_card(name, training, metrics, lineage(stage), git,
                                                          dataset_repo, plots, where, sampling))
             folders[name] = {f.relative_to(target).as_posix(): f for f in sorted(target.rglob("*")) if f.is_file()}
             receipt["models"][name] = {"path": str(OUT / name), "content_sha256": hub.content_sha256(folders[name])}

@@ -18,7 +18,6 @@ from transformers import AutoProcessor
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.params import load, seed_everything
 from stages.models import vlm
-from stages.results.answers import greedy_answers
 from stages.training import distributed, finetune, schedule
 from stages.training.trainer import (
     LiveCallback,
@@ -82,17 +81,12 @@ def main() -> None:
         # also scores greedy answers to a few val rows when best_metric asks for it)
         datasets = [vlm.ManifestDataset(rows, processor, fam, p["max_length"]) for rows in (train_rows, val_rows)]
         scored = schedule.scored_rows(p, val_rows)
-        answer_tokens = 2 * max(len(processor.tokenizer(row["target"])["input_ids"]) for row in scored)
         timer = StepTimer()
         trainer = schedule.ScoredTrainer(
             model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
             data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
             callbacks=[timer, LiveCallback("dvclive/train_vlm"), *schedule.callbacks(p)],
-            metric=p["best_metric"], rows=scored,
-            # room for an answer twice the longest reference: a longer one scores low anyway
-            answer=lambda model, rows: greedy_answers(
-                model, processor, functools.partial(vlm.generation_inputs, processor=processor, fam=fam), rows,
-                p["batch_size"], answer_tokens))
+            metric=p["best_metric"], rows=scored, answer=vlm.answerer(processor, fam, p["batch_size"], scored))
         ProgressBar.replace_printer(trainer, "train_vlm")
         resume = last_checkpoint(checkpoints)
         result = trainer.train(resume_from_checkpoint=resume)

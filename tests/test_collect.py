@@ -1,7 +1,7 @@
 import av
 
 from stages.common.files import read_jsonl, sha256_file
-from stages.data.synthetic import assign_splits, caption
+from stages.data.synthetic import assign_splits, caption, swapped_caption
 
 
 def test_videos_are_h264_mp4_and_content_addressed(small_data):
@@ -48,3 +48,21 @@ def test_split_fractions():
     splits = assign_splits(100, 0.1, 0.2, seed=3)
     assert (splits.count("val"), splits.count("test"), splits.count("train")) == (10, 20, 70)
     assert splits == assign_splits(100, 0.1, 0.2, seed=3) != assign_splits(100, 0.1, 0.2, seed=4)
+
+
+def test_every_clip_has_a_rejected_caption_wrong_in_exactly_one_attribute(small_data):
+    samples = read_jsonl(small_data / "data/raw/samples.jsonl")
+    swapped = []
+    for sample in samples:
+        truth, rejected = sample["caption"].split(), sample["rejected"].split()
+        (position,) = [i for i, (a, b) in enumerate(zip(truth, rejected)) if a != b]
+        swapped.append(position)
+    assert set(swapped) == {1, 2, 4}     # color, shape and direction are each the swapped one for some clips
+
+
+def test_no_rejected_caption_when_every_attribute_has_one_value():
+    one = {"colors": ["red"], "shapes": ["circle"], "directions": ["left"]}
+    assert swapped_caption({"color": "red", "shape": "circle", "direction": "left"}, one, 0) is None
+    two_shapes = {**one, "shapes": ["circle", "square"]}
+    assert swapped_caption({"color": "red", "shape": "circle", "direction": "left"}, two_shapes, 0) == (
+        "a red square moves left")

@@ -79,6 +79,9 @@ ROW_OF = {
         {"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"v{n}.mp4"}},
                                      {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": f"Clip {n}."}]},
+    "trl": lambda n: {"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}],
+                      "chosen": [{"role": "assistant", "content": f"Clip {n}."}], "rejected": "Not it.",
+                      "videos": [f"v{n}.mp4"]},
 }
 
 
@@ -217,6 +220,7 @@ def test_openai_parts_become_placeholders_where_they_stand(tmp_path):
     ("sharegpt", {"video": ["a.mp4"], "conversations": []}),
     ("manifest_v1", {"id": "x", "frames_dir": "f"}),
     ("openai", {"messages": []}),
+    ("trl", {"prompt": [], "chosen": "a", "rejected": "b"}),
 ])
 def test_detect_format(fmt, row):
     assert fmt in FORMATS and detect_format(row) == fmt
@@ -446,3 +450,63 @@ def test_a_number_item_cut_by_a_chunk_boundary_is_read_whole(tmp_path, number):
         samples, errors = read_annotations(path, "triplets")
         assert [e["reason"] for e in errors] == [f"item 1: expected a JSON object, got {kind}",
                                                  "missing required key"], (cut, errors)
+
+
+# ---------------------------------------------------------------- preference pairs
+
+def test_llamafactory_sharegpt_preference_rows_keep_the_chosen_answer_and_the_rejected_one(tmp_path):
+    path = write_lines(tmp_path / "pairs.jsonl", [
+        {"conversations": [{"from": "human", "value": f"{VIDEO}{VIDEO}Which clip has the red circle?"}],
+         "chosen": {"from": "gpt", "value": "the first"}, "rejected": {"from": "gpt", "value": "the second"},
+         "videos": ["a.mp4", "b.mp4"]},
+        {"conversations": [{"from": "human", "value": f"{VIDEO}What moves?"}],
+         "chosen": {"from": "gpt", "value": "a cat"}, "videos": ["a.mp4"]},
+        {"conversations": [{"from": "human", "value": f"{VIDEO}What moves?"}],
+         "chosen": {"from": "gpt", "value": "a cat"}, "rejected": {"from": "gpt", "value": "a cat"},
+         "videos": ["a.mp4"]},
+        {"conversations": [{"from": "human", "value": f"{VIDEO}What moves?"}],
+         "chosen": {"from": "gpt", "value": "a cat"}, "rejected": {"from": "gpt", "value": "a dog"},
+         "videos": ["a.mp4", "b.mp4"]},
+        {"conversations": [{"from": "human", "value": f"{VIDEO}What moves?"}],
+         "chosen": {"from": "human", "value": "a cat"}, "rejected": {"from": "gpt", "value": "a dog"},
+         "videos": ["a.mp4"]},
+    ])
+    samples, errors = read_annotations(path)
+    assert [s["messages"] for s in samples] == [[
+        {"role": "user", "content": f"{VIDEO}\n{VIDEO}\nWhich clip has the red circle?"},
+        {"role": "assistant", "content": "the first"}]]
+    assert (samples[0]["caption"], samples[0]["rejected"], samples[0]["videos"]) == ("the first", "the second",
+                                                                                     ["a.mp4", "b.mp4"])
+    assert_errors(errors, {2: ("rejected", "missing required key"),
+                           3: ("rejected", "the rejected answer equals the chosen one"),
+                           4: ("conversations", "1 <video> placeholders in user turns for 2 videos"),
+                           5: ("chosen/from", "comes from the assistant (gpt), not 'human'")})
+
+
+def test_trl_prompt_chosen_rejected_rows_with_listed_or_inline_videos(tmp_path):
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps([
+        {"prompt": [{"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}],
+         "chosen": [{"role": "assistant", "content": "a red circle"}],
+         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}],
+         "videos": ["a.mp4"]},
+        {"prompt": [{"role": "user", "content": [{"type": "video", "video": "b.mp4"},
+                                                 {"type": "text", "text": "And now?"}]}],
+         "chosen": "a blue square", "rejected": "a blue circle"},
+        {"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}],
+         "chosen": "x", "videos": ["a.mp4"]},
+        {"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}],
+         "chosen": "x", "rejected": "y", "videos": ["a.mp4", "b.mp4"]},
+        {"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "video"}, {"type": "text", "text": "?"}]}],
+         "chosen": "x", "rejected": "y", "videos": ["a.mp4"]},
+        {"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}],
+         "chosen": [{"role": "user", "content": "x"}], "rejected": "y", "videos": ["a.mp4"]},
+    ]))
+    samples, errors = read_annotations(path)
+    assert [(s["id"], s["videos"], s["caption"], s["rejected"]) for s in samples] == [
+        ("trl-1", ["a.mp4"], "a red circle", "a red square"), ("trl-2", ["b.mp4"], "a blue square", "a blue circle")]
+    assert samples[0]["messages"][0] == {"role": "system", "content": "Answer briefly."}
+    assert len(errors) == 4 and [e["field"] for e in errors] == ["rejected", "videos", "videos", "chosen/0/role"]
+    assert "2 videos listed for 1 bare video parts" in errors[1]["reason"]
+    assert "more bare video parts in the prompt than the 1 listed videos" in errors[2]["reason"]

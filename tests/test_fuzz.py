@@ -62,6 +62,10 @@ common = {"id": ids, "split": st.sampled_from(["train", "val", "test", "dev"]), 
     st.sampled_from(["caption", "title", "duration"]), texts | st.floats(allow_nan=False), max_size=2)}
 
 
+sharegpt_answer = record({"from": st.sampled_from(["gpt", "human", "bot"]), "value": texts})
+trl_answer = texts | st.lists(record({"role": st.sampled_from(["assistant", "user"]), "content": texts}), max_size=2)
+
+
 def row_strategies(refs) -> dict:
     """A strategy of rows per format whose video references come from `refs`."""
     llava_part = record({"type": st.sampled_from(["text", "image", "video", "audio"]), "text": texts})
@@ -75,13 +79,17 @@ def row_strategies(refs) -> dict:
         "sharegpt": record({"video": refs | st.lists(refs, max_size=3), "videos": st.lists(refs, max_size=2),
                             "system": texts, "conversations": st.lists(record({
                                 "from": st.sampled_from(["human", "gpt", "system", "user", "bot"]), "value": texts}),
-                                max_size=4)}, common),
+                                max_size=4)}, {**common, "chosen": sharegpt_answer, "rejected": sharegpt_answer}),
         "manifest_v1": record({"frames_dir": refs, "audio": refs, "meta": record({
             "caption": texts, "transcript": texts, "duration": st.floats(allow_nan=False)})}, {"id": ids}),
         "openai": record({"messages": st.lists(record({"role": st.sampled_from(["user", "assistant", "system",
                                                                                "developer", "tool"]),
                                                        "content": texts | st.lists(openai_part, max_size=3)}),
                                                max_size=4)}, {"id": ids, "split": common["split"]}),
+        "trl": record({"prompt": st.lists(record({"role": st.sampled_from(["user", "system", "assistant", "bot"]),
+                                                  "content": texts | st.lists(openai_part, max_size=3)}), max_size=3),
+                       "chosen": trl_answer, "rejected": trl_answer, "videos": st.lists(refs, max_size=3)},
+                      {"id": ids, "split": common["split"]}),
     }
 
 
@@ -290,7 +298,10 @@ def plausible(fmt: str):
             "openai": st.builds(lambda v, c: {"messages": [
                 {"role": "user", "content": [{"type": "video_url", "video_url": {"url": v}}, {"type": "text",
                                                                                             "text": "What?"}]},
-                {"role": "assistant", "content": c}]}, ref, caption)}[fmt]
+                {"role": "assistant", "content": c}]}, ref, caption),
+            "trl": st.builds(lambda v, c: {"prompt": [{"role": "user", "content": [
+                {"type": "video"}, {"type": "text", "text": "What?"}]}], "chosen": c, "rejected": "not it",
+                "videos": [v]}, ref, caption)}[fmt]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -61,3 +61,14 @@ def test_bad_samples_are_rejected_with_their_reason_and_the_rest_survive(workspa
     assert stats["rejected"] == 6 and stats["train"] + stats["val"] + stats["test"] == len(samples) - 6
     assert stats["rejected_by_reason"]["video quarantined: cannot open"] == 1
     assert video.endswith(".mp4")
+
+
+def test_preference_pairs_keep_their_rejected_answer_and_a_pair_that_does_not_differ_is_rejected(workspace):
+    samples = read_jsonl(workspace / "data/raw/samples.jsonl")
+    samples.append({**samples[1], "id": "same-answers", "rejected": samples[1]["caption"]})
+    write_jsonl(workspace / "data/raw/samples.jsonl", samples)
+    manifest.main()
+    kept = {row["id"]: row for split in manifest.SPLITS for row in rows(workspace, split)}
+    assert kept[samples[0]["id"]]["rejected"] == samples[0]["rejected"] != kept[samples[0]["id"]]["target"]
+    rejects = {r["id"]: r for r in read_jsonl(workspace / "data/manifest/rejects.jsonl")}
+    assert rejects["same-answers"]["reason"] == "preference pair: the rejected answer equals the chosen one"

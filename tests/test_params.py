@@ -67,20 +67,22 @@ def test_no_param_is_named_like_a_dvc_metadata_field():
 
 def test_each_stage_depends_on_its_own_schema_base_and_the_shared_ones_it_refers_to_only():
     """A new knob in one block must not rerun the other stages: dvc.yaml lists exactly the schemas a stage reads
-    (schedule.json: the trainers' shared keys)."""
+    (schedule.json: the trainers' shared keys; finetune.json: the VLM trainers')."""
     import yaml
 
     from stages.common.params import SCHEMA_DIR
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert {p.stem for p in SCHEMA_DIR.glob("*.json")} == {"base", "schedule", *stages}
+    assert {p.stem for p in SCHEMA_DIR.glob("*.json")} == {"base", "schedule", "finetune", *stages}
     for name, stage in stages.items():
         schema = json.loads((SCHEMA_DIR / f"{name}.json").read_text())
         shared = {f"stages/schema/params/{part['$ref']}" for part in schema.get("allOf", [])}
         schemas = {d for d in stage["deps"] if d.startswith("stages/schema/params")}
         assert schemas == {"stages/schema/params/base.json", f"stages/schema/params/{name}.json", *shared}, name
-    assert {"train_seq2seq", "train_vlm"} <= {name for name, stage in stages.items()
-                                              if "stages/schema/params/schedule.json" in stage["deps"]}
+    assert {"train_seq2seq", "train_vlm", "align_vlm"} <= {name for name, stage in stages.items()
+                                                           if "stages/schema/params/schedule.json" in stage["deps"]}
+    assert {"train_vlm", "align_vlm"} <= {name for name, stage in stages.items()
+                                          if "stages/schema/params/finetune.json" in stage["deps"]}
 
 
 def docstring_only(path) -> bool:

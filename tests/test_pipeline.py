@@ -23,10 +23,21 @@ import yaml
 from ruamel.yaml import YAML
 
 from tests.fake_hub import FakeHub
-from tests.helpers import ENV, committed, copy_repository, dvc, exp_run, git, ran, reset_params, wait_for_checkpoint
+from tests.helpers import (
+    ENV,
+    committed,
+    copy_repository,
+    dvc,
+    exp_run,
+    git,
+    ran,
+    read_curve,
+    reset_params,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.e2e
-ALL = {"collect", "extract", "manifest", "train_seq2seq", "train_vlm", "evaluate", "push"}
+ALL = {"collect", "extract", "manifest", "train_seq2seq", "train_vlm", "align_vlm", "evaluate", "push"}
 DATA_STAGES = ("collect", "extract", "manifest")
 
 
@@ -105,7 +116,8 @@ def test_a_second_clone_gets_every_output_from_the_remote_without_running_a_stag
 
 def test_a_train_vlm_param_reruns_only_train_vlm_evaluate_and_push(pipeline):
     output = exp_run(pipeline["repo"], "train_vlm.learning_rate=0.0005", "train_vlm.max_steps=40")
-    assert ran(output) == {"train_vlm", "evaluate", "push"}
+    # align_vlm reruns on the new SFT model, but with method none its output is the same: evaluate runs for train_vlm
+    assert ran(output) == {"train_vlm", "align_vlm", "evaluate", "push"}
     diff = dvc(pipeline["repo"], "metrics", "diff")       # this experiment against the committed default
     for metric in ("vlm.bleu", "vlm.rouge_l", "vlm.cider_d", "vlm.meteor", "vlm.attribute_accuracy"):
         assert metric in diff, diff
@@ -115,7 +127,7 @@ def test_an_extract_param_reruns_extract_and_what_depends_on_frames_not_collect(
     # train_vlm reruns on the new frames: a few steps of it, not the default 2000
     output = exp_run(pipeline["repo"], "extract.frame_size=24", "train_vlm.max_steps=40")
     # the manifest is rebuilt but comes out identical (frame size is not in it), so train_seq2seq is skipped
-    assert ran(output) == {"extract", "manifest", "train_vlm", "evaluate", "push"}
+    assert ran(output) == {"extract", "manifest", "train_vlm", "align_vlm", "evaluate", "push"}
 
 
 def test_data_stages_are_deterministic_across_clean_runs(pipeline, tmp_path):
@@ -153,6 +165,31 @@ def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
               (repo / "dvclive/train_vlm/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert losses[-1] < losses[0] / 2, losses
     assert json.loads((repo / "export/vlm/config.json").read_text())["model_type"] == family
+
+
+WEAK_SFT = ("train_vlm.max_steps=150",)   # a weak supervised model (attribute accuracy ~0.5) to align
+
+
+def test_dpo_then_grpo_on_a_weak_sft_model_move_it_the_right_way_in_one_graph(pipeline):
+    """SFT -> DPO / GRPO -> evaluate, shortened: the held-out DPO margin grows, the GRPO reward goes up, evaluate
+    scores the aligned model beside the SFT one and push exports the aligned one. (README: "Preference and reward
+    tuning" has the full-length runs and their gains.)"""
+    repo = pipeline["repo"]
+    output = exp_run(repo, *WEAK_SFT, "align_vlm.method=dpo", "align_vlm.learning_rate=0.0005",
+                     "align_vlm.max_steps=40", "align_vlm.eval_every=10")
+    assert ran(output) == {"train_vlm", "align_vlm", "evaluate", "push"}
+    margins = read_curve(repo / "dvclive/align_vlm/plots/metrics/eval/rewards/margins.tsv")
+    assert [step for step, _ in margins] == [10, 20, 30, 40] and 0 < margins[0][1] < margins[-1][1], margins
+    assert set(json.loads((repo / "eval/metrics.json").read_text())) >= {"vlm", "vlm_sft", "vlm_untrained"}
+    assert "Aligned with DPO (trl) by the `align_vlm` stage" in (repo / "export/vlm/README.md").read_text()
+
+    output = exp_run(repo, *WEAK_SFT, "align_vlm.method=grpo", "align_vlm.learning_rate=0.0005",
+                     "align_vlm.max_steps=30", "align_vlm.batch_size=16")
+    assert ran(output) == {"align_vlm", "evaluate", "push"}       # the weak SFT model comes from the run cache
+    curves = repo / "dvclive/align_vlm/plots/metrics/train"
+    reward = [value for _, value in read_curve(curves / "rewards/attribute/mean.tsv")]
+    assert sum(reward[-10:]) > sum(reward[:10]), reward
+    assert read_curve(curves / "kl.tsv")
 
 
 def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):

@@ -1,6 +1,7 @@
 """formats: read the video-annotation files our users already have into our normalized sample dicts.
 
-Users arrive with question/caption triplets, LLaVA, ShareGPT or OpenAI chat exports, or our older frame manifests.
+Users arrive with question/caption triplets, LLaVA, ShareGPT or OpenAI chat exports, or our older frame manifests;
+preference pairs (a chosen and a rejected answer) as LLaMA-Factory's ShareGPT rows or TRL's prompt/chosen/rejected.
 Asking them to convert by hand loses rows silently; here every row either becomes a sample (the shape stages.collect
 writes to data/raw/samples.jsonl) or an error {"source": "<file>:<line>", "field": "<json path>", "reason": ...}, and
 the other rows go on: one bad row among 100 000 costs that row, and the report says where to fix it. Files are read
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-FORMATS = ("triplets", "llava", "sharegpt", "manifest_v1", "openai")
+FORMATS = ("triplets", "llava", "sharegpt", "manifest_v1", "openai", "trl")
 VIDEO = "<video>"  # the placeholder of one video in a user turn, for every stage downstream
 SPLITS = ("train", "val", "test")
 URL_SCHEMES = ("http", "https")
@@ -31,7 +32,7 @@ _COMMON_KEYS = {"id", "split", "meta"}  # every format may have them; they never
 
 # Identifying key -> format, in this order: a ShareGPT row also has "video", a LLaVA row without its conversation
 # still has "video_url", a triplet without its video still has "question".
-_SIGNATURES = (("conversations", "sharegpt"), ("conversation", "llava"), ("messages", "openai"),
+_SIGNATURES = (("conversations", "sharegpt"), ("conversation", "llava"), ("messages", "openai"), ("prompt", "trl"),
                ("frames_dir", "manifest_v1"), ("video_url", "llava"), ("video", "triplets"), ("question", "triplets"))
 _LLAVA_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -200,8 +201,20 @@ def _sharegpt(row: dict) -> dict:
         role = _role(_required(_typed(turn, dict, at), "from", str, at + "/"), _SHAREGPT_ROLES, at + "/from")
         value = _text(_required(turn, "value", str, at + "/"), at + "/value")
         turns.append((role, _VIDEO_AS_WRITTEN.sub(VIDEO_LINE, value), at + "/value"))
-    return {"videos": videos, "turns": turns, "conversation": "conversations",
-            "meta": _meta(row, {"video", "videos", "system", "conversations"})}
+    body = {"videos": videos, "turns": turns, "conversation": "conversations",
+            "meta": _meta(row, {"video", "videos", "system", "conversations", "chosen", "rejected"})}
+    if "chosen" in row or "rejected" in row:   # LLaMA-Factory's preference rows: the last answer is a pair
+        turns.append(("assistant", _sharegpt_answer(row, "chosen"), "chosen/value"))
+        body["rejected"] = _sharegpt_answer(row, "rejected")
+    return body
+
+
+def _sharegpt_answer(row: dict, key: str) -> str:
+    """One side of a LLaMA-Factory preference pair: {"from": "gpt", "value": ...}."""
+    answer = _required(row, key, dict)
+    if _role(_required(answer, "from", str, key + "/"), _SHAREGPT_ROLES, key + "/from") != "assistant":
+        raise RowError(key + "/from", f"a preference answer comes from the assistant (gpt), not {answer['from']!r}")
+    return _plain_text(_required(answer, "value", str, key + "/"), key + "/value").strip()
 
 
 def _manifest_v1(row: dict) -> dict:
@@ -255,8 +268,60 @@ def _openai(row: dict) -> dict:
     return {"videos": videos, "turns": turns, "conversation": "messages", "meta": _meta(row, {"messages"})}
 
 
+def _trl(row: dict) -> dict:
+    """TRL's conversational preference rows: `prompt` messages (video parts as in openai rows, or bare
+    {"type": "video"} parts that take the row's `videos` in order), then `chosen` and `rejected`, each the assistant's
+    message(s) or a plain string."""
+    listed = _videos(row["videos"], "videos") if row.get("videos") is not None else []
+    videos, turns, taken = [], [], 0
+    for index, message in enumerate(_required(row, "prompt", list)):
+        at = f"prompt/{index}"
+        role = _role(_required(_typed(message, dict, at), "role", str, at + "/"), _OPENAI_ROLES, at + "/role")
+        content = _required(message, "content", (str, list), at + "/")
+        if isinstance(content, list):
+            filled = []
+            for part in content:
+                if _is_bare_video(part):   # takes the next listed video
+                    if taken == len(listed):
+                        raise RowError("videos", f"more bare video parts in the prompt than the {len(listed)} "
+                                                 f"listed videos")
+                    part, taken = {**part, "video": listed[taken]}, taken + 1
+                filled.append(part)
+            content = filled
+        turns.append((role, _openai_content(content, at + "/content", videos), at + "/content"))
+    if taken < len(listed):
+        raise RowError("videos", f"{len(listed)} videos listed for {taken} bare video parts in the prompt")
+    if not videos:
+        raise RowError("prompt", "no video part in any prompt message")
+    turns.append(("assistant", _trl_answer(row, "chosen"), "chosen"))
+    return {"videos": videos, "turns": turns, "conversation": "prompt", "rejected": _trl_answer(row, "rejected"),
+            "meta": _meta(row, {"prompt", "chosen", "rejected", "videos"})}
+
+
+def _is_bare_video(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "video" and "video" not in part
+
+
+def _trl_answer(row: dict, key: str) -> str:
+    """One side of a TRL pair: a string, or messages of which the last is the assistant's answer (text only)."""
+    answer = _required(row, key, (str, list))
+    if isinstance(answer, str):
+        return _plain_text(answer, key).strip()
+    if not answer:
+        raise RowError(key, "empty list: expected the assistant's message")
+    at = f"{key}/{len(answer) - 1}"
+    message = _typed(answer[-1], dict, at)
+    if _role(_required(message, "role", str, at + "/"), _OPENAI_ROLES, at + "/role") != "assistant":
+        raise RowError(at + "/role", f"the answer's message comes from the assistant, not {message['role']!r}")
+    no_videos = []
+    text = _openai_content(_required(message, "content", (str, list), at + "/"), at + "/content", no_videos)
+    if no_videos:
+        raise RowError(at + "/content", "assistant turn with a video (videos belong in the prompt)")
+    return text.strip()
+
+
 CONVERTERS = {"triplets": _triplets, "llava": _llava, "sharegpt": _sharegpt, "manifest_v1": _manifest_v1,
-              "openai": _openai}
+              "openai": _openai, "trl": _trl}
 
 
 # ---------------------------------------------------------------------------------------------------- common checks
@@ -296,6 +361,8 @@ def _finish(row: dict, body: dict, default_id: str) -> dict:
     sample = {"id": _row_id(row, default_id), "videos": videos, "messages": messages,
               "question": _VIDEO_AS_WRITTEN.sub("", user).strip(), "caption": answers[-1].strip() if answers else None,
               "meta": body.pop("meta")}
+    if "rejected" in body and body["rejected"] == sample["caption"]:
+        raise RowError("rejected", "the rejected answer equals the chosen one: a pair must differ")
     split = _optional(row, "split", str)
     if split is not None:
         if split not in SPLITS:

@@ -1,7 +1,8 @@
 """The embedded default data set: moving-shapes clips, encoded as real H.264 mp4 and identical on every machine.
 
 Every (color, shape, direction) combination is rendered `clips_per_combo` times with random size, start, speed and
-background, all drawn from one seeded generator. Each clip is stored content-addressed as videos/<sha256>.mp4.
+background, all drawn from one seeded generator. Each clip is stored content-addressed as videos/<sha256>.mp4. Each
+sample also carries a rejected caption, wrong in one attribute, for preference tuning (stages/align_vlm.py).
 
 Same bytes on any x86-64 CPU: ffmpeg's own RGB -> YUV conversion (libswscale) rounds differently on its SIMD paths
 than on its C path, so a machine with AVX-512 encoded other bytes than one with AVX2. The frames are therefore
@@ -34,6 +35,20 @@ QUESTIONS = ["What happens in the video?", "Describe the video.", "What does the
 
 def caption(color: str, shape: str, direction: str) -> str:
     return f"a {color} {shape} moves {direction}"
+
+
+def swapped_caption(attributes: dict, p: dict, index: int) -> str | None:
+    """A caption that is wrong in exactly one attribute, for a preference pair (the true caption is the chosen
+    answer): clip `index` swaps its (index mod 3)-th attribute, or the next one that has another value, for the value
+    after its own in params' list. Deterministic and free of the seeded generator, whose draws it leaves alone.
+    None when every attribute has a single value."""
+    names = ("color", "shape", "direction")
+    for name in names[index % 3:] + names[:index % 3]:
+        values = p[f"{name}s"]
+        if len(values) > 1:
+            swapped = dict(attributes, **{name: values[(values.index(attributes[name]) + 1) % len(values)]})
+            return caption(swapped["color"], swapped["shape"], swapped["direction"])
+    return None
 
 
 def plan_clips(p: dict, seed: int) -> list[dict]:
@@ -132,4 +147,7 @@ def generate(p: dict, seed: int, videos: Path) -> list[dict]:
                      "width": p["frame_size"], "height": p["frame_size"]},
             "split": split,
         })
+        rejected = swapped_caption(clip, p, index)
+        if rejected:   # the preference pair for align_vlm: the true caption above is the chosen answer
+            samples[-1]["rejected"] = rejected
     return samples

@@ -117,6 +117,15 @@ def trained_path(models: Path) -> Path:
     return models / "model" if (models / "model").exists() else models / "adapter"
 
 
+def final_output(models: Path, name: str) -> Path:
+    """The trainer output that evaluate scores and push exports as model `name`: for the VLM, align_vlm's
+    (models/vlm_aligned) when it trained, else train_vlm's (models/vlm)."""
+    aligned = models / "vlm_aligned" / "training.json"
+    if name == "vlm" and aligned.exists() and json.loads(aligned.read_text())["method"] != "none":
+        return aligned.parent
+    return models / name
+
+
 class StepTimer(TrainerCallback):
     """How long optimizer steps take, and how much of it they wait for their batches (the DataLoader's `next`).
 

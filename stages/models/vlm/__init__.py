@@ -4,6 +4,7 @@ which provides what `Family` names; `FAMILIES` (at the bottom) registers them, a
 `train_vlm.family` takes effect. A new family is one module plus one line in `FAMILIES` (and its name in the params
 schema's enum, which a test keeps equal to the registry).
 """
+import functools
 import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -13,6 +14,7 @@ import torch
 from safetensors.numpy import load_file
 
 from stages.data.formats import VIDEO  # the placeholder of one video in a user turn
+from stages.results.answers import greedy_answers
 
 IGNORE = -100          # label of every position the loss must not see
 FRAMES = Path("data/frames")
@@ -261,6 +263,15 @@ class ManifestDataset(torch.utils.data.Dataset):
 def generation_inputs(rows: list[dict], processor, fam, frames_dir: Path = FRAMES) -> dict:
     """A left-padded batch of prompts (everything before the first answer) for `generate`, frames from the shards."""
     return prompt_inputs(rows, [load_frames(row, frames_dir) for row in rows], processor, fam)
+
+
+def answerer(processor, fam, batch_size: int, rows: list[dict]):
+    """`answer(model, rows)`: the model's greedy answers, as evaluate decodes them, with room for an answer twice the
+    longest reference among `rows` (a longer one scores low anyway): how the VLM trainers score a generation metric
+    at each evaluation."""
+    tokens = 2 * max(len(processor.tokenizer(row["target"])["input_ids"]) for row in rows)
+    prompts = functools.partial(generation_inputs, processor=processor, fam=fam)
+    return lambda model, scored: greedy_answers(model, processor, prompts, scored, batch_size, tokens)
 
 
 def prompt_inputs(rows: list[dict], videos_per_row: list[list[np.ndarray]], processor, fam) -> dict:
