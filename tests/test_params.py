@@ -112,3 +112,18 @@ def test_each_stage_depends_on_every_module_it_imports():
         missing[name] = sorted(f for f in files if not docstring_only(REPO / f)
                                and not any(f == dep or f.startswith(dep + "/") for dep in deps))
     assert missing == {name: [] for name in stages}, "imported by the stage but not in its dvc.yaml deps"
+
+
+def test_the_collect_schema_names_every_annotation_format_the_importers_read():
+    from stages.common.params import SCHEMA_DIR
+    from stages.data.formats import FORMATS
+
+    schema = json.loads((SCHEMA_DIR / "collect.json").read_text())
+    enums = [node["enum"] for node in walk(schema) if isinstance(node, dict) and "auto" in node.get("enum", [])]
+    assert enums == [["auto", *FORMATS]]
+
+
+def walk(node):
+    yield node
+    for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else []):
+        yield from walk(child)

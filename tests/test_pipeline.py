@@ -183,8 +183,10 @@ def test_dpo_then_grpo_on_a_weak_sft_model_move_it_the_right_way_in_one_graph(pi
     assert set(json.loads((repo / "eval/metrics.json").read_text())) >= {"vlm", "vlm_sft", "vlm_untrained"}
     assert "Aligned with DPO (trl) by the `align_vlm` stage" in (repo / "export/vlm/README.md").read_text()
 
-    output = exp_run(repo, *WEAK_SFT, "align_vlm.method=grpo", "align_vlm.learning_rate=0.0005",
-                     "align_vlm.max_steps=30", "align_vlm.batch_size=16")
+    # 4 prompts x 8 sampled answers per step: measured here, the sampled answers' attribute reward rises from 0.38
+    # to 0.42 (first and last 10 steps) at learning rates 1e-4 and 2e-4 and at 8 prompts per step alike
+    output = exp_run(repo, *WEAK_SFT, "align_vlm.method=grpo", "align_vlm.learning_rate=0.0001",
+                     "align_vlm.max_steps=30", "align_vlm.batch_size=32")
     assert ran(output) == {"align_vlm", "evaluate", "push"}       # the weak SFT model comes from the run cache
     curves = repo / "dvclive/align_vlm/plots/metrics/train"
     reward = [value for _, value in read_curve(curves / "rewards/attribute/mean.tsv")]
