@@ -47,3 +47,12 @@ def trained(small_data, tmp_path_factory) -> Path:
         train_vlm.main()
         evaluate.main()
     return folder
+
+
+@pytest.fixture
+def trained_workspace(trained, tmp_path):
+    """A private copy of the trained workspace, entered as the working directory."""
+    folder = tmp_path / "ws"
+    shutil.copytree(trained, folder)
+    with inside(folder):
+        yield folder

@@ -14,18 +14,15 @@ from safetensors.torch import load_file
 from stages import align_vlm, evaluate
 from stages.common.files import read_jsonl, write_jsonl
 from stages.training.trainer import CHECKPOINTS, final_output
-from tests.helpers import REPO, SMALL, inside, read_curve, wait_for_checkpoint, write_params
+from tests.helpers import REPO, SMALL, read_curve, wait_for_checkpoint, write_params
 
 SHORT = {"max_steps": 6, "eval_every": 3, "batch_size": 4, "save_steps": 0}
 
 
 @pytest.fixture
-def sft(trained, tmp_path):
-    """A private copy of the workspace after train_vlm (8 steps: a weak SFT model), entered."""
-    folder = tmp_path / "ws"
-    shutil.copytree(trained, folder)
-    with inside(folder):
-        yield folder
+def sft(trained_workspace):
+    """The workspace after train_vlm's 8 steps: a weak SFT model to align."""
+    return trained_workspace
 
 
 def align(folder, **settings):
