@@ -51,8 +51,8 @@ def pairs_only(rows: list[dict], split: str) -> list[dict]:
     return pairs
 
 
-def method_arguments(p: dict, fam_model_config) -> tuple[type, dict]:
-    """The trl config class and its method-specific keys."""
+def method_arguments(p: dict, model_config) -> tuple[type, dict]:
+    """The trl config class and its method-specific keys (`model_config`: the SFT model's, for its media tokens)."""
     if p["method"] == "dpo":
         return DPOConfig, {"beta": p["beta"], "loss_type": p["dpo"]["loss_type"],
                            "loss_weights": p["dpo"]["loss_weights"] or None, "max_length": None}
@@ -60,7 +60,7 @@ def method_arguments(p: dict, fam_model_config) -> tuple[type, dict]:
     return GRPOConfig, {"beta": p["beta"], "num_generations": grpo["num_generations"],
                         "temperature": grpo["temperature"], "max_completion_length": grpo["max_new_tokens"],
                         "reward_weights": grpo["reward_weights"] or None,
-                        "generation_kwargs": {"suppress_tokens": align.media_token_ids(fam_model_config)}}
+                        "generation_kwargs": {"suppress_tokens": align.media_token_ids(model_config)}}
 
 
 def main() -> None:
@@ -102,10 +102,12 @@ def main() -> None:
         processor = AutoProcessor.from_pretrained(start)
         model = finetune.prepare(finetune.load(fam, str(start), p), fam, p)
 
-        # Keep the samples that fit max_length whole, both answers of a pair; record the others
+        # Keep the samples that fit max_length whole, both answers of a pair; record the others, a pair once (its
+        # longer side)
         sides = [row for row in train_rows + val_rows for row in align.pair(row)] if p["method"] == "dpo" else \
             train_rows + val_rows
-        rejects = vlm.over_budget(sides, processor, fam, p["max_length"])
+        over = sorted(vlm.over_budget(sides, processor, fam, p["max_length"]), key=lambda reject: reject["tokens"])
+        rejects = list({reject["id"]: reject for reject in over}.values())
         rejected = {reject["id"] for reject in rejects}
         train_rows, val_rows = ([row for row in rows if row["id"] not in rejected] for rows in (train_rows, val_rows))
         if distributed.is_main_process():

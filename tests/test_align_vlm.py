@@ -1,20 +1,20 @@
 """The align_vlm stage on the small trained workspace: method none, DPO and GRPO from the SFT model, what evaluate and
 push then take, kill and resume, and the errors that stop it before any work."""
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
+from collections import defaultdict
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoProcessor
 
 from stages import align_vlm, evaluate
 from stages.common.files import read_jsonl, write_jsonl
+from stages.models import vlm
+from stages.training.align import pair
 from stages.training.trainer import CHECKPOINTS, final_output
-from tests.helpers import REPO, SMALL, read_curve, wait_for_checkpoint, write_params
+from tests.helpers import SMALL, kill_after_checkpoint, read_curve, write_params
 
 SHORT = {"max_steps": 6, "eval_every": 3, "batch_size": 4, "save_steps": 0}
 
@@ -81,15 +81,25 @@ def test_an_sft_adapter_without_a_merged_model_is_refused_with_the_key_that_fixe
         align(sft, method="dpo")
 
 
+def test_a_pair_over_the_token_budget_is_left_out_with_one_record_for_its_longer_side(sft):
+    processor, fam = AutoProcessor.from_pretrained(sft / "models/vlm/model"), vlm.family("llava")
+    rows = read_jsonl(sft / "data/manifest/train.jsonl") + read_jsonl(sft / "data/manifest/val.jsonl")
+    sides = defaultdict(list)   # every answer's token count, by row
+    for record in vlm.over_budget([side for row in rows for side in pair(row)], processor, fam, 0):
+        sides[record["id"]].append(record["tokens"])
+    limit = max(min(counts) for counts in sides.values()) - 1     # both answers of some pairs are over it
+    training = align(sft, method="dpo", max_length=limit)
+    rejects = read_jsonl(sft / "models/vlm_aligned/rejects.jsonl")
+    over = {row_id: max(counts) for row_id, counts in sides.items() if max(counts) > limit}
+    assert sorted((r["id"], r["tokens"]) for r in rejects) == sorted(over.items())
+    assert len(rejects) == training["rejected"]
+    assert any(min(sides[row_id]) > limit for row_id in over)
+
+
 def test_a_killed_dpo_run_resumes_from_its_last_checkpoint(sft):
     write_params(sft, {**SMALL, "align_vlm": {**SHORT, "method": "dpo", "max_steps": 40, "save_steps": 4,
                                               "eval_every": 20}})
-    process = subprocess.Popen([sys.executable, "-m", "stages.align_vlm"], cwd=sft,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    saved = wait_for_checkpoint(process, CHECKPOINTS / "align_vlm")
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    saved = kill_after_checkpoint("align_vlm", sft)
     assert not (sft / "models/vlm_aligned").exists()
 
     align_vlm.main()

@@ -107,7 +107,9 @@ class VideoGRPOTrainer(ScoredEvaluation, GRPOTrainer):
         return {key: value[0] if key in vlm.SEQUENCE_KEYS else value for key, value in inputs.items()}
 
     def _generate_and_score_completions(self, inputs):
-        self.media = [self.prompt_media(self.prompt_rows[x["index"]]) for x in inputs]
+        # trl repeats each prompt num_generations times in a batch: each row is read and processed once
+        media = {index: self.prompt_media(self.prompt_rows[index]) for index in {x["index"] for x in inputs}}
+        self.media = [media[x["index"]] for x in inputs]
         output = super()._generate_and_score_completions(inputs)
         output["media"] = self.media   # a list: trl's shuffle and split keep it with its samples
         return output
