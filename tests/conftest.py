@@ -26,13 +26,18 @@ def small_data(tmp_path_factory) -> Path:
     return folder
 
 
+def entered_copy(source: Path, tmp_path: Path):
+    """A private copy of the workspace `source`, entered as the working directory (a fixture yields from it)."""
+    folder = tmp_path / "ws"
+    shutil.copytree(source, folder)
+    with inside(folder):
+        yield folder
+
+
 @pytest.fixture
 def workspace(small_data, tmp_path):
     """A private copy of the small workspace, entered as the working directory."""
-    folder = tmp_path / "ws"
-    shutil.copytree(small_data, folder)
-    with inside(folder):
-        yield folder
+    yield from entered_copy(small_data, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +57,4 @@ def trained(small_data, tmp_path_factory) -> Path:
 @pytest.fixture
 def trained_workspace(trained, tmp_path):
     """A private copy of the trained workspace, entered as the working directory."""
-    folder = tmp_path / "ws"
-    shutil.copytree(trained, folder)
-    with inside(folder):
-        yield folder
+    yield from entered_copy(trained, tmp_path)

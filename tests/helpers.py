@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -150,6 +151,18 @@ def read_curve(path):
     """A dvclive .tsv plot as (step, value) pairs."""
     lines = path.read_text().splitlines()[1:]
     return [(int(step), float(value)) for step, value in (line.split("\t") for line in lines)]
+
+
+def kill_after_checkpoint(stage: str, workspace: Path, after: int = 0) -> int:
+    """Run `python -m stages.<stage>` in `workspace`, kill -9 it (and every process it started) once it has saved a
+    complete checkpoint past step `after`, and return that checkpoint's step."""
+    process = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=workspace,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    saved = wait_for_checkpoint(process, workspace / "checkpoints" / stage, after=after)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return saved
 
 
 def wait_for_checkpoint(process, folder: Path, timeout: float = 120, after: int = 0) -> int:

@@ -4,12 +4,8 @@ or steps, the best checkpoint by a validation metric, early stopping, and a resu
 A run made to overfit: the val captions are shuffled among the val rows, so once the model is sure of the true
 caption its val loss rises again (measured: lowest at step 100 of 300, at learning rate 0.01)."""
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +24,8 @@ from stages.common.files import read_jsonl, write_jsonl
 from stages.common.params import load, seed_everything
 from stages.models import tiny
 from stages.training import schedule
-from stages.training.trainer import CHECKPOINTS, training_arguments
-from tests.helpers import REPO, SMALL, read_curve, wait_for_checkpoint, write_params
+from stages.training.trainer import training_arguments
+from tests.helpers import SMALL, kill_after_checkpoint, read_curve, write_params
 
 OVERFIT = {"max_steps": 300, "eval_every": 20, "learning_rate": 0.01, "save_steps": 0}
 VAL = Path("data/manifest/val.jsonl")
@@ -120,13 +116,8 @@ def test_a_killed_run_resumes_and_keeps_the_best_it_found_before_the_kill(worksp
     for output in ("models", "dvclive"):
         shutil.rmtree(workspace / output)
 
-    process = subprocess.Popen([sys.executable, "-m", "stages.train_seq2seq"], cwd=workspace,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
     # killed only once the best step is behind it: the resumed run must not forget it
-    saved = wait_for_checkpoint(process, CHECKPOINTS / "train_seq2seq", after=expected[0]["step"])
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    saved = kill_after_checkpoint("train_seq2seq", workspace, after=expected[0]["step"])
 
     train_seq2seq.main()
     record = json.loads((workspace / "models/seq2seq/training.json").read_text())

@@ -1,8 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +9,7 @@ from transformers import Trainer
 from stages import train_seq2seq
 from stages.common.params import load
 from stages.training.trainer import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
-from tests.helpers import REPO, SMALL, wait_for_checkpoint, write_params
+from tests.helpers import REPO, SMALL, kill_after_checkpoint, write_params
 
 P = {"learning_rate": 0.001, "max_steps": 10}
 
@@ -33,12 +29,7 @@ def test_the_checkpoint_folder_is_one_per_exact_run_and_a_changed_run_drops_the_
 
 def test_a_killed_training_run_resumes_from_its_last_checkpoint_and_cleans_up(workspace):
     write_params(workspace, {**SMALL, "train_seq2seq": {**SMALL["train_seq2seq"], "max_steps": 40, "eval_every": 5}})
-    process = subprocess.Popen([sys.executable, "-m", "stages.train_seq2seq"], cwd=workspace,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    saved = wait_for_checkpoint(process, CHECKPOINTS / "train_seq2seq")
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    saved = kill_after_checkpoint("train_seq2seq", workspace)
     assert not (workspace / "models/seq2seq").exists()        # nothing half-written in the output
 
     train_seq2seq.main()
