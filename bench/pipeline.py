@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["collect", "extract", "manifest", "train_seq2seq", "train_vlm", "evaluate", "push"]
+STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])   # in pipeline order
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "DVC_NO_ANALYTICS": "1"}
 
@@ -50,7 +52,8 @@ def main() -> None:
     result = {"seconds": {k: round(v, 2) for k, v in seconds.items()}, "cores": os.cpu_count(),
               "machine": platform.machine(), "python": platform.python_version(),
               "vlm_attribute_accuracy": metrics["vlm"]["attribute_accuracy"],
-              "seq2seq_bleu": metrics["seq2seq"]["bleu"], "where": "this checkout" if in_place else "a fresh clone"}
+              "vlm_meteor": metrics["vlm"]["meteor"], "seq2seq_bleu": metrics["seq2seq"]["bleu"],
+              "where": "this checkout" if in_place else "a fresh clone"}
     print(f"{'stage':<18}{'seconds':>10}")
     for name, value in result["seconds"].items():
         print(f"{name:<18}{value:>10.1f}")

@@ -59,6 +59,7 @@ def method_arguments(p: dict, model_config) -> tuple[type, dict]:
     grpo = p["grpo"]
     return GRPOConfig, {"beta": p["beta"], "num_generations": grpo["num_generations"],
                         "temperature": grpo["temperature"], "max_completion_length": grpo["max_new_tokens"],
+                        "mask_truncated_completions": grpo["mask_truncated"],
                         "reward_weights": grpo["reward_weights"] or None,
                         "generation_kwargs": {"suppress_tokens": align.media_token_ids(model_config)}}
 

@@ -17,6 +17,7 @@ import numpy as np
 from ruamel.yaml import YAML
 
 from stages.common.files import read_jsonl, write_jsonl
+from stages.data.formats import VIDEO
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,3 +238,33 @@ def committed(path: str) -> str:
     written over the working-tree file."""
     return subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, check=True, capture_output=True,
                           text=True).stdout
+
+
+def video_file(workspace: Path, row: dict) -> Path:
+    """The collected file of a manifest row's first video."""
+    return next((workspace / "data/raw/videos").glob(row["videos"][0]["sha256"] + ".*"))
+
+
+def question_of(row: dict) -> str:
+    """A manifest row's first user turn without its video placeholder."""
+    return row["messages"][0]["content"].replace(VIDEO, "").strip()
+
+
+def card_snippet(card: str) -> str:
+    """The Python block of a model card's "Ask it about a video" section, as a user would copy it."""
+    return re.search(r"## Ask it about a video\n.*?```python\n(.*?)```", card, re.S).group(1)
+
+
+def run_card_snippet(workspace: Path, export: Path, scratch: Path) -> tuple[str, str]:
+    """Run the snippet of `export`'s model card as a user would (PYTHONPATH standing in for `pip install` of this
+    repository) on the file of the workspace's first test video; return what it printed and the prediction
+    evaluate wrote for that video."""
+    (scratch / "ask_video.py").write_text(card_snippet((export / "README.md").read_text()))
+    predictions = {p["id"]: p["prediction"] for p in read_jsonl(workspace / "eval/predictions.jsonl")
+                   if p["model"] == "vlm"}
+    row = read_jsonl(workspace / "data/manifest/test.jsonl")[0]
+    result = subprocess.run([sys.executable, str(scratch / "ask_video.py"), str(video_file(workspace, row)),
+                             question_of(row)], cwd=workspace,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip(), predictions[row["id"]]

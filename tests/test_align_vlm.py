@@ -58,7 +58,8 @@ def test_dpo_starts_from_the_sft_model_and_evaluate_scores_both(sft):
 
 def test_grpo_logs_each_reward_and_the_kl_and_takes_a_users_reward(sft):
     training = align(sft, method="grpo", grpo={"rewards": ["attribute", "rewards.brevity:score"], "reward_weights": [],
-                                               "num_generations": 4, "temperature": 1.0, "max_new_tokens": 8})
+                                               "num_generations": 4, "temperature": 1.0, "max_new_tokens": 8,
+                                               "mask_truncated": True})
     assert training["method"] == "grpo" and training["global_step"] == 6
     curves = sft / "dvclive/align_vlm/plots/metrics/train"
     for name in ("rewards/attribute/mean.tsv", "rewards/rewards.brevity:score/mean.tsv", "kl.tsv", "reward.tsv"):

@@ -10,15 +10,7 @@ import torch
 from stages import ask, push
 from stages.common.files import read_jsonl
 from stages.models import vlm
-from tests.helpers import ENV, REPO, TINY_VLM, inside
-
-
-def video_file(workspace, row):
-    return next((workspace / "data/raw/videos").glob(row["videos"][0]["sha256"] + ".*"))
-
-
-def question_of(row) -> str:
-    return row["messages"][0]["content"].replace(vlm.VIDEO, "").strip()
+from tests.helpers import ENV, REPO, TINY_VLM, inside, question_of, video_file
 
 
 @pytest.mark.parametrize("name", list(vlm.FAMILIES))

@@ -33,6 +33,7 @@ from tests.helpers import (
     ran,
     read_curve,
     reset_params,
+    run_card_snippet,
     wait_for_checkpoint,
 )
 
@@ -156,7 +157,8 @@ def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
 
 @pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
                                     "llava_next_video", "internvl"])
-def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
+def test_every_vlm_family_trains_end_to_end_and_its_card_answers_as_evaluate_did(pipeline, family, tmp_path):
+    """...and its export's card snippet, pasted verbatim, answers a test video file as evaluate did."""
     repo = pipeline["repo"]
     output = exp_run(repo, f"train_vlm.family={family}", "train_vlm.max_steps=60")
     assert {"train_vlm", "evaluate", "push"} <= ran(output)
@@ -165,6 +167,8 @@ def test_every_vlm_family_trains_end_to_end_through_dvc(pipeline, family):
               (repo / "dvclive/train_vlm/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert losses[-1] < losses[0] / 2, losses
     assert json.loads((repo / "export/vlm/config.json").read_text())["model_type"] == family
+    printed, evaluated = run_card_snippet(repo, repo / "export/vlm", tmp_path)
+    assert printed == evaluated
 
 
 WEAK_SFT = ("train_vlm.max_steps=150",)   # a weak supervised model (attribute accuracy ~0.5) to align

@@ -1,9 +1,5 @@
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ from stages import push
 from stages.common.files import read_jsonl
 from stages.models import vlm
 from tests.fake_hub import FakeHub
-from tests.helpers import REPO, TINY_VLM, inside, write_params
+from tests.helpers import TINY_VLM, inside, run_card_snippet, write_params
 
 TOKEN = "hf_push_test_token"
 
@@ -176,11 +172,6 @@ def test_hf_target_needs_a_namespace(trained, tmp_path, monkeypatch):
         push.main()
 
 
-def card_snippet(card: str) -> str:
-    """The Python block of the card's "Ask it about a video" section, as a user would copy it."""
-    return re.search(r"## Ask it about a video\n.*?```python\n(.*?)```", card, re.S).group(1)
-
-
 def test_the_cards_snippet_pasted_verbatim_answers_a_video_file_as_evaluate_did(exported, tmp_path):
     """The export records how the model was fed (frames, size, prompt layout, token limit); the card's snippet,
     run as a user would (PYTHONPATH standing in for `pip install` of this repository), decodes the test video file
@@ -190,16 +181,8 @@ def test_the_cards_snippet_pasted_verbatim_answers_a_video_file_as_evaluate_did(
     assert record["family"] == "llava" and record["max_new_tokens"] == 8 and record["max_length"] == 192
     assert record["sampling"]["num_frames"] == 4 and record["sampling"]["frame_size"] == 32
     assert record["prompt"] == [{"role": "user", "content": "<video>\n{question}"}]   # frames before the question
-    (tmp_path / "ask_video.py").write_text(card_snippet((exported / "vlm" / "README.md").read_text()))
-    predictions = {p["id"]: p["prediction"] for p in read_jsonl(workspace / "eval/predictions.jsonl")
-                   if p["model"] == "vlm"}
-    row = read_jsonl(workspace / "data/manifest/test.jsonl")[0]
-    video = next((workspace / "data/raw/videos").glob(row["videos"][0]["sha256"] + ".*"))
-    question = row["messages"][0]["content"].replace("<video>", "").strip()
-    result = subprocess.run([sys.executable, str(tmp_path / "ask_video.py"), str(video), question], cwd=workspace,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == predictions[row["id"]]
+    printed, evaluated = run_card_snippet(workspace, exported / "vlm", tmp_path)
+    assert printed == evaluated
 
 
 # SmolVLM's sampler keeps min(fps x duration, num_frames) frames and needs its fps: it cannot take a count alone.
