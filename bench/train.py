@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)
 
-from stages.common.files import read_jsonl  # noqa: E402 (after the path set-up above)
+from stages.common.console import quiet_libraries  # noqa: E402 (after the path set-up above)
+from stages.common.files import read_jsonl  # noqa: E402
 from stages.common.params import load, seed_everything  # noqa: E402
 from stages.models import vlm  # noqa: E402
 from stages.training import finetune  # noqa: E402
@@ -54,7 +55,9 @@ def ours(p: dict, base: str) -> dict:
     model, dataset, collate = setup(p, base)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as scratch:
-        args = dataclasses.replace(training_arguments(p, 0, scratch, remove_unused_columns=False), eval_strategy="no")
+        # step time only: no evaluation, no checkpoints, so nothing of the schedule's best-checkpoint keeping
+        args = dataclasses.replace(training_arguments(p, 0, scratch, remove_unused_columns=False), eval_strategy="no",
+                                   save_strategy="no", load_best_model_at_end=False)
         result = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
                          callbacks=[timer]).train()
     steps = timer.total["steps"]
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: train_vlm.data_workers)")
     args = parser.parse_args()
+    quiet_libraries()
 
     p = {**load("train_vlm")["train_vlm"], "max_steps": args.steps, "save_steps": 0}
     if args.workers is not None:
