@@ -125,7 +125,7 @@ class VideoGRPOTrainer(ScoredEvaluation, GRPOTrainer):
     def _media_fields(media: list[dict]) -> dict:
         """The media tensors of several samples, batched as `vlm.collate` batches them."""
         tensors = [{key: value for key, value in sample.items() if key not in vlm.SEQUENCE_KEYS} for sample in media]
-        return {key: value for key, value in vlm.collate(tensors, pad_token_id=0).items()}
+        return vlm.collate(tensors, pad_token_id=0)
 
     def _compute_loss(self, model, inputs):
         self.media = inputs["media"]
