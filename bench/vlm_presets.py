@@ -5,7 +5,8 @@ config class. The config values are transcribed from the released checkpoints' c
 reach the Hub); the vocabulary sizes are the embedding rows of those files. Memory is computed, not measured, as the
 README's table is for the older presets: weights, plus 16 bytes (weight, gradient, two AdamW moments in fp32) per
 trained parameter (LoRA adapters at r=16 on every linear layer of the language model, and the projector); activations
-come on top. bf16 weights take 2 bytes a parameter, NF4 0.5 bytes (plus one fp32 scale per 64 weights, 1/16 byte).
+come on top. bf16 weights take 2 bytes a parameter, NF4 0.5 bytes (plus one fp32 scale per 64 weights, 1/16 byte); QLoRA
+quantizes the language model's linear layers only (bitsandbytes leaves embeddings, the output head and the rest).
 
     python bench/vlm_presets.py
 
@@ -66,6 +67,16 @@ PRESETS = {
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
         vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
                            num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)), "qlora"),
+    # InstructBLIP-Video on Vicuna-7B (Salesforce/instructblip-vicuna-7b, EVA ViT-g): 32 query tokens per frame;
+    # its projector is the Q-Former, trained in full beside the adapters
+    "InstructBLIP-Video (Vicuna-7B)": ("instructblip_video", dict(
+        vision_config=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                           image_size=224, patch_size=14),
+        qformer_config=dict(vocab_size=30523, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                            intermediate_size=3072, cross_attention_frequency=2),
+        text_config=dict(model_type="llama", vocab_size=32001, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+        num_query_tokens=32), "qlora"),
 }
 
 
@@ -77,15 +88,16 @@ def count(name: str) -> dict:
     total = sum(w.numel() for w in model.parameters())
     vision = sum(w.numel() for w in model.get_submodule(fam.VISION).parameters())
     projector = sum(w.numel() for w in model.get_submodule(fam.PROJECTOR).parameters())
-    language = sum(w.numel() for w in model.get_submodule(fam.LANGUAGE).parameters())
     if fam.PROJECTOR.startswith(fam.VISION + "."):   # Qwen's merger lives inside its vision tower
         vision -= projector
-    adapters = sum(RANK * (m.in_features + m.out_features) for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.startswith(fam.LANGUAGE + "."))
-    rest = total - language - vision - projector        # the output head, when it is not tied
+    head = model.get_output_embeddings()   # inside the language model in InstructBLIP-Video: never adapted
+    linears = [m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith(fam.LANGUAGE + ".") and m is not head]
+    adapters = sum(RANK * (m.in_features + m.out_features) for m in linears)
     trained = adapters + projector
-    if mode == "qlora":   # the language model in NF4, the vision tower, projector and head in bf16
-        weights = language * (0.5 + 1 / 16) + (vision + projector + rest) * 2
+    if mode == "qlora":   # the language model's linear layers in NF4 (bitsandbytes leaves embeddings and the head)
+        quantized = sum(m.weight.numel() for m in linears)
+        weights = quantized * (0.5 + 1 / 16) + (total - quantized) * 2
     else:
         weights = total * 2
     return {"family": family, "mode": mode, "parameters_b": total / 1e9, "vision_b": vision / 1e9,

@@ -156,7 +156,7 @@ def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
 
 
 @pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
-                                    "llava_next_video", "internvl"])
+                                    "llava_next_video", "internvl", "instructblip_video"])
 def test_every_vlm_family_trains_end_to_end_and_its_card_answers_as_evaluate_did(pipeline, family, tmp_path):
     """...and its export's card snippet, pasted verbatim, answers a test video file as evaluate did."""
     repo = pipeline["repo"]

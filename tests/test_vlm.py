@@ -6,7 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipVideoConfig,
+    LlavaForConditionalGeneration,
+)
 
 from stages.common.files import read_jsonl
 from stages.models import vlm
@@ -70,7 +76,7 @@ def test_generation_prompts_end_at_the_assistant_turn(tiny_llava, small_data):
 # Every family: the same guarantees through its own processor, chat template and media inputs.
 END_OF_TURN = {"llava": "<|end|>", "smolvlm": "<end_of_utterance>", "qwen2_vl": "<|im_end|>",
                "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "llava_onevision": "<|im_end|>",
-               "llava_next_video": "<|end|>", "internvl": "<|im_end|>"}
+               "llava_next_video": "<|end|>", "internvl": "<|im_end|>", "instructblip_video": "<|end|>"}
 # SmolVLM's template writes "Assistant: answer": the space is fused into the answer's first token ("Ġa"), so it is
 # labelled with it, and it is what the model generates after the "Assistant:" prompt.
 ANSWER_START = {"smolvlm": " "}
@@ -110,8 +116,9 @@ def test_each_family_trains_on_32_videos_in_a_sample_beside_a_1_video_sample(tin
         assert any(g is not None and g.abs().sum() > 0 for g in grads), part
 
 
-# Their models take `pixel_values_videos` [videos, frames, 3, h, w]: one frame count per batch (vlm.same_frame_count).
-ONE_FRAME_COUNT_PER_BATCH = {"llava_onevision", "llava_next_video"}
+# Their models take [videos, frames, 3, h, w] (`pixel_values_videos`, InstructBLIP-Video's `pixel_values`): one frame
+# count per batch (vlm.same_frame_count).
+ONE_FRAME_COUNT_PER_BATCH = {"llava_onevision", "llava_next_video", "instructblip_video"}
 
 
 def test_each_family_batches_samples_with_different_video_and_frame_counts(tiny_family):
@@ -172,14 +179,13 @@ def test_every_registered_family_provides_what_the_contract_names():
 
 def test_the_params_schema_offers_exactly_the_registered_and_refused_families():
     schema = json.loads((REPO / "stages/schema/params/train_vlm.json").read_text())
-    assert set(schema["properties"]["family"]["enum"]) == set(vlm.FAMILIES) | set(vlm.UNSUPPORTED)
+    assert schema["properties"]["family"]["enum"] == list(vlm.FAMILIES)
 
 
-def test_an_unknown_family_lists_the_valid_ones_and_a_refused_one_says_why():
-    with pytest.raises(ValueError, match="unknown VLM family 'lava'; valid families: llava, smolvlm, .*internvl"):
+def test_an_unknown_family_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown VLM family 'lava'; valid families: llava, smolvlm, .*internvl, "
+                                         "instructblip_video$"):
         vlm.family("lava")
-    with pytest.raises(ValueError, match="'instructblip_video' is not supported: .*Q-Former"):
-        vlm.family("instructblip_video")
 
 
 def test_a_checkpoint_of_another_family_is_refused_naming_both(tmp_path):
@@ -215,3 +221,40 @@ def test_each_family_shows_the_model_the_frame_times_extract_recorded(tiny_famil
         untimed = vlm.encode(row, frames(), processor, fam, 4096)
         assert example.keys() == untimed.keys()
         assert all(torch.equal(example[key], untimed[key]) for key in example)
+
+
+# ---------------------------------------------------------------- InstructBLIP-Video's own inputs
+
+def test_instructblip_video_puts_each_video_in_place_and_gives_its_q_former_the_turn_never_an_answer(tmp_path):
+    fam = vlm.family("instructblip_video")
+    processor = AutoProcessor.from_pretrained(fam.build_tiny(TINY_VLM, ["a red circle moves left"] * 50, 32, tmp_path))
+    row = row_with([("user", "<video>\nWhat moves?"), ("assistant", "a square"),
+                    ("user", "And here? <video>"), ("assistant", "a blue circle moves up")], videos=2, frames=3)
+    example = vlm.encode(row, frames(2, 3), processor, fam, 1024)
+    prompt = processor.tokenizer.decode(example["input_ids"])
+    run = "<video>" * (processor.num_query_tokens * 3)     # the queries of every frame, where the placeholder was
+    assert prompt.startswith(f"<|user|>\n{run}\nWhat moves?<|end|>") and f"And here? {run}<|end|>" in prompt
+    assert prompt.count("<video>") == 2 * len(run) // len("<video>")
+    instructions = processor.qformer_tokenizer.batch_decode(example["qformer_input_ids"], skip_special_tokens=True)
+    assert instructions == ["What moves?", "And here?"]
+    assert example["pixel_values"].shape == (2, 3, 3, 32, 32)
+
+
+def test_instructblip_video_loads_a_released_instructblip_checkpoint_as_transformers_documents(tmp_path):
+    """The released InstructBLIP-Video weights are InstructBLIP's (model_type "instructblip", with a video token)."""
+    fam = vlm.family("instructblip_video")
+    base = fam.build_tiny(TINY_VLM, ["a red circle moves left"] * 50, 32, tmp_path / "video")
+    video = InstructBlipVideoConfig.from_pretrained(base)
+    towers = {key: {k: v for k, v in getattr(video, key).to_dict().items() if k != "model_type"}
+              for key in ("vision_config", "qformer_config")}
+    released = InstructBlipForConditionalGeneration(InstructBlipConfig(
+        **towers, text_config=video.text_config.to_dict(), num_query_tokens=video.num_query_tokens,
+        image_token_index=video.video_token_index, video_token_index=video.video_token_index))
+    released.save_pretrained(tmp_path / "image")
+    model = vlm.load_model(fam, str(tmp_path / "image"))
+    for name, weight in released.state_dict().items():
+        assert torch.equal(model.state_dict()[name], weight), name
+    processor = AutoProcessor.from_pretrained(base)
+    row = row_with([("user", "<video>\nDescribe."), ("assistant", "a red circle")])
+    batch = vlm.collate([vlm.encode(row, frames(), processor, fam, 4096)], processor.tokenizer.pad_token_id)
+    assert torch.isfinite(model(**batch).loss)

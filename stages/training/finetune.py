@@ -28,7 +28,9 @@ def load(fam, base: str, p: dict):
         compute = torch.bfloat16 if use_bf16(p) else torch.float32
         extra = {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=[fam.VISION, fam.PROJECTOR, "lm_head"]),
+            bnb_4bit_compute_dtype=compute,
+            # InstructBLIP-Video's language_projection is the last linear of its bridge, outside the Q-Former
+            llm_int8_skip_modules=[fam.VISION, fam.PROJECTOR, "lm_head", "language_projection"]),
             "dtype": compute, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}  # this process's GPU
     model = vlm.load_model(fam, base, attn_implementation=p["attn_implementation"], **extra)
     if p["finetune"] == "qlora":
@@ -57,9 +59,10 @@ def lora_targets(model, fam, p: dict) -> list[str] | str:
     if p["lora"]["target_modules"] != "auto":
         return p["lora"]["target_modules"]
     parts = [fam.LANGUAGE] + ([] if p["freeze_vision"] else [fam.VISION])
+    head = model.get_output_embeddings()   # inside the language model in some families (InstructBLIP-Video)
     return [name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and any(name.startswith(part + ".") for part in parts)
-            and not name.startswith(fam.PROJECTOR + ".")]
+            and not name.startswith(fam.PROJECTOR + ".") and module is not head]
 
 
 def align_dtypes(model, fam) -> None:

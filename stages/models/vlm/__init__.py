@@ -40,13 +40,25 @@ class Family(Protocol):
         """Save a random-init tiny model and its processor (tokenizer trained on `texts`) to `out`; return `out`."""
 
 
+@runtime_checkable
+class LaysOutItsInputs(Protocol):
+    """A family whose processor cannot lay out a chat with videos in place builds the model's inputs itself."""
+
+    def model_inputs(self, processor, conversations: list[list[dict]], videos: list, times: list[list[float]],
+                     generation_prompt: bool = False, **kwargs):
+        """What `model_inputs` below returns, for this family."""
+
+
 def family(name: str) -> Family:
     """The module of family `name`: the one place where `train_vlm.family` (or a training record's) takes effect."""
-    if name in UNSUPPORTED:
-        raise ValueError(f"VLM family {name!r} is not supported: {UNSUPPORTED[name]}")
     if name not in FAMILIES:
         raise ValueError(f"unknown VLM family {name!r}; valid families: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+# Checkpoints of another model_type that a family's class loads as its own: transformers documents InstructBLIP-Video
+# as using InstructBLIP's checkpoints (Salesforce/instructblip-vicuna-7b is model_type "instructblip").
+SHARED_CHECKPOINTS = {"instructblipvideo": {"instructblip"}}
 
 
 def load_model(fam: Family, path: str, **kwargs):
@@ -54,7 +66,7 @@ def load_model(fam: Family, path: str, **kwargs):
     would otherwise only warn and build the family's class from a foreign config."""
     expected = fam.MODEL_CLASS.config_class.model_type
     found = checkpoint_model_type(path)
-    if found is not None and found != expected:
+    if found is not None and found != expected and found not in SHARED_CHECKPOINTS.get(expected, ()):
         name = next(key for key, module in FAMILIES.items() if module is fam)
         raise ValueError(f"checkpoint {path} has model_type {found!r}, but train_vlm.family {name!r} expects "
                          f"{expected!r}; pick the family of that checkpoint")
@@ -138,8 +150,22 @@ def to_messages(row: dict, fam, include_answers: bool = True) -> tuple[list[dict
     return messages, videos_per_message
 
 
-def _render(processor, messages, generation_prompt=False) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(processor, messages, generation_prompt=False) -> str:
+    """The chat as text, by the processor's chat template, or its tokenizer's where the processor has none
+    (InstructBlipVideoProcessor drops a chat template when it is loaded; the tokenizer keeps the same file)."""
+    owner = processor if processor.chat_template is not None else processor.tokenizer
+    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def model_inputs(fam, processor, conversations: list[list[dict]], videos: list, times: list[list[float]],
+                 generation_prompt: bool = False, **kwargs):
+    """The model's inputs (a BatchFeature) for `conversations` (content-part messages, one list per sample), whose
+    videos are `videos` in order, frame times `times`: the one place where a processor is called. kwargs go to the
+    processor (return_tensors, padding, padding_side)."""
+    if isinstance(fam, LaysOutItsInputs):
+        return fam.model_inputs(processor, conversations, videos, times, generation_prompt, **kwargs)
+    texts = [render(processor, messages, generation_prompt) for messages in conversations]
+    return processor(text=texts, **fam.media_inputs(videos, times), **kwargs)
 
 
 def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int) -> dict:
@@ -151,9 +177,9 @@ def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int)
     Either way the located tokens are checked, never assumed.
     """
     messages, per_message = to_messages(row, fam)
-    text = _render(processor, messages)
+    text = render(processor, messages)
     times = frame_times(row, videos)
-    inputs = dict(processor(text=text, **fam.media_inputs(videos, times), return_tensors="pt"))
+    inputs = dict(model_inputs(fam, processor, [messages], videos, times, return_tensors="pt"))
     ids = inputs["input_ids"][0]
     if len(ids) > max_length:
         raise ValueError(f"sample {row['id']}: {len(ids)} tokens, above train_vlm.max_length={max_length}")
@@ -161,15 +187,15 @@ def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int)
 
     def position(upto: int, generation_prompt: bool) -> int:
         """Index in `ids` where the rendering of messages[:upto] ends."""
-        prefix = _render(processor, messages[:upto], generation_prompt)
+        prefix = render(processor, messages[:upto], generation_prompt)
         seen = sum(per_message[:upto])
         if seen == len(videos):
             tail = text_ids[len(processor.tokenizer(prefix)["input_ids"]):]
             if ids[len(ids) - len(tail):].tolist() == tail:
                 return len(ids) - len(tail)
         else:
-            prefix_ids = processor(text=prefix, **fam.media_inputs(videos[:seen], times[:seen]),
-                                   return_tensors="pt")["input_ids"][0]
+            prefix_ids = model_inputs(fam, processor, [messages[:upto]], videos[:seen], times[:seen],
+                                      generation_prompt, return_tensors="pt")["input_ids"][0]
             if torch.equal(ids[:len(prefix_ids)], prefix_ids):
                 return len(prefix_ids)
         raise ValueError(f"sample {row['id']}: the conversation up to turn {upto} does not tokenize as a prefix")
@@ -196,8 +222,8 @@ def over_budget(rows: list[dict], processor, fam, max_length: int, frames_dir: P
     for row in rows:
         messages, _ = to_messages(row, fam)
         videos = load_frames(row, frames_dir)
-        media = fam.media_inputs(videos, frame_times(row, videos))
-        tokens = processor(text=_render(processor, messages), **media, return_tensors="pt")["input_ids"].shape[1]
+        tokens = model_inputs(fam, processor, [messages], videos, frame_times(row, videos),
+                              return_tensors="pt")["input_ids"].shape[1]
         if tokens > max_length:
             rejects.append({"id": row["id"], "reason": "over_token_budget", "tokens": tokens,
                             "max_length": max_length})
@@ -216,15 +242,16 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
             fill = IGNORE if key == "labels" else pad_token_id if key == "input_ids" else 0
             batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
         else:
-            batch[key] = torch.cat(pad_to_common_shape(values) if key != "pixel_values_videos" else
-                                   same_frame_count(values))
+            as_they_are = key == "pixel_values_videos" or key == "pixel_values" and "qformer_input_ids" in examples[0]
+            batch[key] = torch.cat(same_frame_count(values) if as_they_are else pad_to_common_shape(values))
     return batch
 
 
 def same_frame_count(videos: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`pixel_values_videos` of LLaVA-OneVision and LLaVA-NeXT-Video are [videos, frames, 3, h, w], and their models
-    embed every frame of that tensor, zero-padded ones too, which would no longer match the prompt's video tokens.
-    (Qwen's are flat patches, [patches, dim], and concatenate as they are.)"""
+    """`pixel_values_videos` of LLaVA-OneVision and LLaVA-NeXT-Video, and InstructBLIP-Video's `pixel_values` (its
+    batches alone carry `qformer_input_ids`), are [videos, frames, 3, h, w], and their models embed every frame of
+    that tensor, zero-padded ones too, which would no longer match the prompt's video tokens. (Qwen's are flat
+    patches, [patches, dim], and concatenate as they are.)"""
     counts = {video.shape[1] for video in videos if video.dim() == 5}
     if len(counts) > 1:
         raise ValueError(f"videos of {sorted(counts)} frames in one batch: this family's model takes one frame count "
@@ -276,19 +303,20 @@ def answerer(processor, fam, batch_size: int, rows: list[dict]):
 
 def prompt_inputs(rows: list[dict], videos_per_row: list[list[np.ndarray]], processor, fam) -> dict:
     """generation_inputs with each row's frames given (stages.ask samples them from a video file)."""
-    texts, videos, times = [], [], []
+    conversations, videos, times = [], [], []
     for row, row_videos in zip(rows, videos_per_row):
         messages, per_message = to_messages(row, fam, include_answers=False)
-        texts.append(_render(processor, messages, generation_prompt=True))
+        conversations.append(messages)
         frames = row_videos[:sum(per_message)]
         videos.extend(frames)
         times.extend(frame_times(row, frames))
-    return processor(text=texts, **fam.media_inputs(videos, times), padding=True, padding_side="left",
-                     return_tensors="pt")
+    return model_inputs(fam, processor, conversations, videos, times, generation_prompt=True, padding=True,
+                        padding_side="left", return_tensors="pt")
 
 
 # The registry. Imported last: the family modules use the shared helpers above.
 from stages.models.vlm import (  # noqa: E402
+    instructblip_video,
     internvl,
     llava,
     llava_next_video,
@@ -308,13 +336,5 @@ FAMILIES: dict[str, Family] = {
     "llava_onevision": llava_onevision,
     "llava_next_video": llava_next_video,
     "internvl": internvl,
-}
-# Families users ask for that this pipeline's chat path cannot train correctly, with the reason: asking for one
-# stops with it instead of training something wrong.
-UNSUPPORTED = {
-    "instructblip_video": (
-        "InstructBlipVideoProcessor puts exactly one video of 4 frames before the whole text of a sample (the "
-        "<video> placeholder's place and any other video are ignored), and hands that same text, the answers "
-        "included, to the Q-Former, so training on a chat row would show the model its own answers. Use "
-        "llava_next_video or internvl for a Vicuna/InternLM-style video model."),
+    "instructblip_video": instructblip_video,
 }
