@@ -3,6 +3,8 @@
 - `synthetic` (the embedded default) generates the moving-shapes video set (stages/data/synthetic.py).
 - `local` reads a folder of videos and an annotation file in one of the formats of stages/data/formats.py.
 - `urls` downloads a list of videos (stages/data/fetch.py); they get captions later, from `extract.caption_model`.
+- `listing` reads "<path or URL> <sha256>" lines: videos anywhere (local, http(s), any fsspec URL), checked against
+  their sha256; DVC depends on the listing file alone, never on the videos (the kind for large sets).
 
 Every video is stored once, content-addressed, as data/raw/videos/<sha256><ext>.
 data/raw/samples.jsonl holds one sample per row: its videos, the conversation or question and caption, the text

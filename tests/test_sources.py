@@ -1,5 +1,6 @@
 """Bringing the user's data in: stored references, and (e2e) every source kind and every annotation format through
 `dvc repro`, beside a corpus of hostile inputs and a URL server on 127.0.0.1 that answers 404, 429 and slowly."""
+import hashlib
 import json
 import os
 import threading
@@ -63,6 +64,48 @@ def test_url_lists_are_read_line_by_line_and_a_line_over_the_limit_is_a_reject(t
     assert [s["videos"] for s in samples] == [["https://example.com/a.mp4"], ["https://example.com/b.mp4"]]
     assert [(r["source"].rsplit(":", 1)[1], r["field"]) for r in rejects] == [("2", "url"), ("3", "url")]
     assert rejects[0]["reason"] == "line longer than collect.max_line_bytes=1024 bytes, or not UTF-8"
+
+
+DOWNLOAD = {"timeout": 1, "retries": 1, "backoff": 0.01, "parallel": 1, "max_megabytes": 1, "allow_private": []}
+
+
+def test_listings_name_each_video_by_path_or_url_and_sha256_and_a_bad_line_is_a_reject_with_its_line(tmp_path):
+    digest = "ab" * 32
+    (tmp_path / "list.txt").write_text(f"# a million of these\n/data/a.mp4 {digest}\nclips/b.mp4 {digest.upper()}\n"
+                                       f"s3://bucket/c.mp4 {digest}\nhttps://example.com/d.mp4 {digest}\n"
+                                       f"/data/e.mp4\n/data/f.mp4 xyz\nfile:///data/g.mp4 {digest}\n"
+                                       f"nosuch://x/h.mp4 {digest}\n")
+    samples, rejects = sources.url_samples({"kind": "listing", "file": "list.txt"}, tmp_path)
+    assert [s["videos"][0] for s in samples] == ["/data/a.mp4", "clips/b.mp4", "s3://bucket/c.mp4",
+                                                 "https://example.com/d.mp4", "file:///data/g.mp4"]
+    assert all(s["meta"]["sha256"] == digest and s["meta"]["listed"] and s["id"].startswith("listed-")
+               for s in samples)
+    assert [(r["source"].rsplit(":", 1)[1], r["field"]) for r in rejects] == [("6", "line"), ("7", "sha256"),
+                                                                              ("9", "path")]
+    assert rejects[0]["reason"] == 'expected "<path or URL> <sha256>", got 1 fields'
+    assert rejects[2]["reason"] == "nosuch://x/h.mp4: no fsspec protocol 'nosuch'"
+
+
+def test_a_listed_video_is_stored_by_its_checked_bytes_through_fsspec_or_the_file_system(tmp_path):
+    import fsspec
+    data = b"\x00\x00\x00\x18ftypmp42 a video's bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    with fsspec.open("memory://bucket/clip.mp4", "wb") as f:   # fsspec's in-memory file system, a real backend
+        f.write(data)
+    (tmp_path / "local.mp4").write_bytes(data)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    assert sources.store_listed("memory://bucket/clip.mp4", digest, tmp_path, videos, DOWNLOAD) == \
+        f"videos/{digest}.mp4"
+    assert (videos / f"{digest}.mp4").read_bytes() == data
+    (videos / f"{digest}.mp4").unlink()
+    assert sources.store_listed("local.mp4", digest, tmp_path, videos, DOWNLOAD) == f"videos/{digest}.mp4"
+    with pytest.raises(sources.SourceError, match=f"local.mp4: sha256 mismatch: the listing says {'0' * 64}, "
+                                                  f"the file's bytes give {digest}"):
+        sources.store_listed("local.mp4", "0" * 64, tmp_path, videos, DOWNLOAD)
+    with pytest.raises(sources.SourceError, match="missing.mp4: FileNotFoundError"):
+        sources.store_listed("missing.mp4", "1" * 64, tmp_path, videos, DOWNLOAD)
+    assert sorted(path.name for path in videos.iterdir()) == [f"{digest}.mp4"]   # no partial file left behind
 
 
 def test_splits_follow_the_id_not_the_order():
@@ -199,7 +242,18 @@ def test_every_source_kind_and_format_through_dvc_repro(tmp_path_factory, server
         {**corpus, "annotations": "triplets.jsonl", "format": "triplets"}, {**corpus, "annotations": "llava.json"},
         {**corpus, "annotations": "sharegpt.jsonl"}, {**corpus, "annotations": "manifest_v1.jsonl"},
         {**corpus, "annotations": "openai.jsonl"}, {"kind": "urls", "folder": "data/sources/corpus",
-                                                    "file": "urls.txt"}]
+                                                    "file": "urls.txt"},
+        {"kind": "listing", "folder": "data/sources/corpus", "file": "listing.txt"}]
+    # a listing names videos outside the repository (and outside DVC's sight) by path, file:// or http URL + sha256
+    outside = tmp_path_factory.mktemp("elsewhere")
+    for name in ("h264.mp4", "vp9.webm"):
+        (outside / name).write_bytes((folder / name).read_bytes())
+    sha = {name: sha256_file(outside / name) for name in ("h264.mp4", "vp9.webm")}
+    (folder / "listing.txt").write_text(
+        f"{outside / 'h264.mp4'} {sha['h264.mp4']}\nfile://{outside / 'vp9.webm'} {sha['vp9.webm']}\n"
+        f"{server.base}/remote1.mp4 {sha256_file(server.folder / 'remote1.mp4')}\n"   # fetched as URL lists are
+        f"{outside / 'gone.mp4'} {sha['h264.mp4']}\n{outside / 'vp9.webm'} {sha['h264.mp4']}\n"
+        f"{outside / 'h264.mp4'} not-a-sha\ns3://bucket/clip.mp4 {sha['h264.mp4']}\n")
     # the test server's own port is listed: 127.0.0.1 is refused unless collect.download.allow_private names it
     params["collect"]["download"].update(timeout=1, retries=2, backoff=0.05,
                                          allow_private=[f"127.0.0.1:{server.server_address[1]}"])
@@ -227,6 +281,16 @@ def test_every_source_kind_and_format_through_dvc_repro(tmp_path_factory, server
     assert server.counts["/busy/remote2.mp4"] == 3          # two 429s, then the file
     for name in collected["s-three"]["videos"] + collected["m-frames"]["videos"]:
         assert (repo / "data/raw" / name).is_file()
+    listed = [s for s in collected.values() if s["id"].startswith("listed-")]
+    remote = sha256_file(server.folder / "remote1.mp4")
+    assert sorted(s["videos"][0] for s in listed) == sorted(
+        [f"videos/{sha[name]}{Path(name).suffix}" for name in sha] + [f"videos/{remote}.mp4"])
+    assert reasons["listing.txt:6"] == ("sha256", "'not-a-sha' is not a sha256 (64 hex digits)")
+    listed_rejects = [reason for r in rejects if (r["id"] or "").startswith("listed-") for reason in [r["reason"]]]
+    assert len(listed_rejects) == 3
+    assert any("gone.mp4: FileNotFoundError" in reason for reason in listed_rejects)
+    assert any("vp9.webm: sha256 mismatch" in reason for reason in listed_rejects)
+    assert any("s3://bucket/clip.mp4: ImportError" in reason and "s3fs" in reason for reason in listed_rejects)
 
     # extract: hostile videos quarantined with their reason, good ones decoded
     report = json.loads((repo / "data/frames/report.json").read_text())["videos"]
@@ -251,7 +315,10 @@ def test_every_source_kind_and_format_through_dvc_repro(tmp_path_factory, server
     assert sum(stats["rejected_by_reason"].values()) == stats["rejected"]
     assert "url-" in " ".join(r["id"] or "" for r in read_jsonl(repo / "data/manifest/rejects.jsonl"))  # no caption
 
-    # a changed annotation file reruns collect; nothing changed reruns nothing
+    # a changed annotation file reruns collect; nothing changed reruns nothing, and the listed videos outside are
+    # not DVC's to watch: their sha256 in the listing is (a changed video is a changed listing line)
+    assert ran(dvc(repo, "repro", "manifest")) == set()
+    (outside / "h264.mp4").write_bytes(b"changed")
     assert ran(dvc(repo, "repro", "manifest")) == set()
     with open(folder / "triplets.jsonl", "a") as f:
         f.write(json.dumps({"id": "t-new", "video": "h264.mp4", "question": "Again?", "caption": "again"}) + "\n")

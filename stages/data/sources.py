@@ -1,4 +1,9 @@
-"""Bring the user's own data into data/raw: local folders with an annotation file, and lists of URLs.
+"""Bring the user's own data into data/raw: local folders with an annotation file, lists of URLs, and listings.
+
+A listing is a file of "<path or URL> <sha256>" lines: local paths anywhere (relative ones to the listing's folder),
+http(s) URLs (fetched as a URL list's are), or any fsspec URL (s3://, gs://, ... with fsspec's package for it). The
+sha256 on each line names the video's bytes, so the listing file changes whenever a listed video does: `collect`
+depends on that one file, and DVC never walks the videos themselves, however many there are.
 
 Every video is stored once, content-addressed as videos/<sha256><ext>, whether it came from a folder or a download;
 a folder of already extracted frames (manifest v1) is packed into one uncompressed tar, so DVC still sees one file
@@ -9,19 +14,24 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fsspec
+
 from stages.common.files import sha256_file
+from stages.common.retry import retrying
 from stages.data import fetch, formats
 
 # outside DVC's outputs: a failed run resumes its partial files there, and a rerun fetches no URL twice
 DOWNLOADS = Path(".downloads")
 IMAGES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DEFAULT_QUESTION = "Describe the video."
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_url(reference: str) -> bool:
@@ -30,6 +40,10 @@ def is_url(reference: str) -> bool:
 
 class SourceError(Exception):
     """A reference that cannot be stored; the message is the reject reason."""
+
+
+class LineError(Exception):
+    """A URL list's or listing's line that cannot be used: LineError(field, reason)."""
 
 
 def store_file(path: Path, videos: Path) -> str:
@@ -67,6 +81,37 @@ def resolve(reference: str, folder: Path, directory: bool = False) -> Path:
     return path
 
 
+def store_listed(reference: str, digest: str, folder: Path, videos: Path, download: dict) -> str:
+    """Copy a listed local file or fsspec URL into videos/<sha256><ext>, checking its bytes against the listing's
+    sha256; return the stored path relative to data/raw. A transient read error (timeout, dropped connection) is
+    retried by the pipeline's one policy; anything else, and a mismatch, is a SourceError naming the reference."""
+    suffix = Path(reference.split("?")[0]).suffix.lower()
+    target = videos / f"{digest}{suffix if suffix in fetch.EXTENSIONS else '.bin'}"
+    where = reference if "://" in reference else str(folder / reference)
+    partial = target.with_name(target.name + ".part")
+
+    def copy() -> str:
+        hasher = hashlib.sha256()
+        with fsspec.open(where, "rb") if "://" in where else open(where, "rb") as src, \
+                open(partial, "wb") as out:
+            while chunk := src.read(fetch.CHUNK):
+                hasher.update(chunk)
+                out.write(chunk)
+        return hasher.hexdigest()
+    policy = retrying(f"collect: {reference}", attempts=max(download["retries"], 0) + 1, backoff=download["backoff"],
+                      transient=lambda error: isinstance(error, (TimeoutError, ConnectionError)))
+    try:
+        actual = policy(copy)
+    except (OSError, ImportError, ValueError) as error:   # ImportError: fsspec lacks the protocol's package
+        partial.unlink(missing_ok=True)
+        raise SourceError(f"{reference}: {type(error).__name__}: {error}") from None
+    if actual != digest:
+        partial.unlink()
+        raise SourceError(f"{reference}: sha256 mismatch: the listing says {digest}, the file's bytes give {actual}")
+    os.replace(partial, target)   # the same name holds the same bytes when the video is listed twice
+    return f"videos/{target.name}"
+
+
 def download_all(urls: dict[str, str | None], videos: Path, download: dict) -> dict[str, str | Exception]:
     """{url: stored path or the error}, each URL fetched once (into DOWNLOADS, then linked), several at a time."""
     (DOWNLOADS / "urls").mkdir(parents=True, exist_ok=True)
@@ -93,9 +138,10 @@ def download_all(urls: dict[str, str | None], videos: Path, download: dict) -> d
         return dict(zip(urls, pool.map(one, urls)))
 
 
-def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict, copied: dict) -> dict:
+def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict, copied: dict, download: dict) -> dict:
     """The sample with its references replaced by stored paths; SourceError names the first one that failed.
-    `copied` maps the local files stored so far to their stored paths: a video with ten questions is hashed once."""
+    `copied` maps the local files stored so far to their stored paths: a video with ten questions is hashed once.
+    A listing's sample (meta "listed") may name files outside the source folder: its line's sha256 vouches for them."""
     stored = []
     for reference in sample["videos"]:
         if is_url(reference):
@@ -103,6 +149,8 @@ def store_sample(sample: dict, folder: Path, videos: Path, fetched: dict, copied
             if isinstance(result, Exception):
                 raise SourceError(f"{reference}: {result}")
             stored.append(result)
+        elif sample.get("meta", {}).get("listed"):
+            stored.append(store_listed(reference, sample["meta"]["sha256"], folder, videos, download))
         else:
             path = resolve(reference, folder)
             stored.append(copied.get(path) or copied.setdefault(path, store_file(path, videos)))
@@ -143,14 +191,14 @@ def import_source(source: dict, download: dict, videos: Path, max_line_bytes: in
         for line in spool:
             sample = json.loads(line)
             try:
-                yield "sample", store_sample(sample, folder, videos, fetched, copied)
+                yield "sample", store_sample(sample, folder, videos, fetched, copied, download)
             except SourceError as error:
                 yield "reject", {"id": sample["id"], "source": str(where), "field": "videos", "reason": str(error)}
 
 
 def parsed(source: dict, folder: Path, max_line_bytes: int):
     """Yield (sample, None) or (None, reject record) per row of a source's file or list, rejects of a URL list first."""
-    if source["kind"] == "urls":
+    if source["kind"] in ("urls", "listing"):
         samples, rejects = url_samples(source, folder, max_line_bytes)
         yield from ((None, reject) for reject in rejects)
         yield from ((sample, None) for sample in samples)
@@ -175,28 +223,57 @@ def url_lines(path: Path, max_line_bytes: int):
 
 def url_samples(source: dict, folder: Path,
                 max_line_bytes: int = formats.MAX_LINE_BYTES) -> tuple[list[dict], list[dict]]:
-    """One uncaptioned sample per URL, from `urls` (a list) or `file` (one "URL [sha256]" per line)."""
+    """One uncaptioned sample per URL, from `urls` (a list) or `file` (one "URL [sha256]" per line); or per line of
+    a listing (`kind: listing`: "<path or URL> <sha256>", the sha256 required)."""
+    listing = source["kind"] == "listing"
     if "file" in source:
         lines = url_lines(folder / source["file"], max_line_bytes)
     else:
         lines = [(f"collect.sources.urls[{n}]", [url]) for n, url in enumerate(source["urls"])]
     samples, rejects = [], []
     for where, fields in lines:
-        if fields is None:
-            rejects.append({"id": None, "source": where, "field": "url",
-                            "reason": f"line longer than collect.max_line_bytes={max_line_bytes} bytes, or not UTF-8"})
-            continue
-        url, *checksum = fields
         try:
-            fetch.check_url(url)
-        except fetch.FetchError as error:
-            rejects.append({"id": None, "source": where, "field": "url", "reason": str(error)})
+            reference, checksum = listed_line(fields, max_line_bytes) if listing else url_line(fields, max_line_bytes)
+        except LineError as error:
+            field, reason = error.args
+            rejects.append({"id": None, "source": where, "field": field, "reason": reason})
             continue
-        name = hashlib.sha256(url.encode()).hexdigest()[:16]
-        samples.append({"id": f"url-{name}", "videos": [url], "question": DEFAULT_QUESTION, "caption": None,
+        name = hashlib.sha256(reference.encode()).hexdigest()[:16]
+        meta = {"source_url": reference, **({"sha256": checksum} if checksum else {}), **({"listed": True} if listing
+                                                                                          else {})}
+        samples.append({"id": f"{'listed' if listing else 'url'}-{name}", "videos": [reference],
+                        "question": DEFAULT_QUESTION, "caption": None,
                         "messages": [{"role": "user", "content": f"{formats.VIDEO}\n{DEFAULT_QUESTION}"}],
-                        "meta": {"source_url": url, **({"sha256": checksum[0]} if checksum else {})}})
+                        "meta": meta})
     return samples, rejects
+
+
+def url_line(fields: list[str] | None, max_line_bytes: int) -> tuple[str, str | None]:
+    """(url, sha256 or None) of a URL list's line; LineError for one that cannot be used."""
+    if fields is None:
+        raise LineError("url", f"line longer than collect.max_line_bytes={max_line_bytes} bytes, or not UTF-8")
+    url, *checksum = fields
+    try:
+        fetch.check_url(url)
+    except fetch.FetchError as error:
+        raise LineError("url", str(error)) from None
+    return url, checksum[0] if checksum else None
+
+
+def listed_line(fields: list[str] | None, max_line_bytes: int) -> tuple[str, str]:
+    """(path or URL, sha256) of a listing's line; LineError for one that cannot be used."""
+    if fields is None:
+        raise LineError("line", f"line longer than collect.max_line_bytes={max_line_bytes} bytes, or not UTF-8")
+    if len(fields) != 2:
+        raise LineError("line", f'expected "<path or URL> <sha256>", got {len(fields)} fields')
+    reference, checksum = fields[0], fields[1].lower()
+    if not SHA256.fullmatch(checksum):
+        raise LineError("sha256", f"{fields[1]!r} is not a sha256 (64 hex digits)")
+    if is_url(reference) or reference.startswith(("http:", "https:")):
+        url_line([reference], max_line_bytes)
+    elif "://" in reference and reference.split("://")[0] not in fsspec.available_protocols():
+        raise LineError("path", f"{reference}: no fsspec protocol {reference.split('://')[0]!r}")
+    return reference, checksum
 
 
 def assign_split(sample_id: str, val_fraction: float, test_fraction: float) -> str:
