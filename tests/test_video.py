@@ -8,7 +8,19 @@ import pytest
 from PIL import Image
 
 from stages.data.synthetic import render
-from stages.data.video import VideoError, frame_count, read_audio, sample, sample_images, smart_resize, uniform_indices
+from stages.data.video import (
+    VideoError,
+    frame_count,
+    indexed,
+    open_video,
+    probe,
+    read_audio,
+    sample,
+    sample_images,
+    scanned,
+    smart_resize,
+    uniform_indices,
+)
 from tests.helpers import FFMPEG, ffmpeg, make_video
 
 SQUARE = {"num_frames": 4, "frame_size": 32}
@@ -235,3 +247,38 @@ def test_a_wanted_frame_skipped_by_mistake_is_decoded_again(tmp_path, monkeypatc
     for frame, index in zip(sampled.frames, sampled.indices):
         assert np.array_equal(frame, reference[index])
     assert sampled.info["decoded_frames"] > len(reference) / 2    # the second passes cost decoding, as they must
+
+
+# The demuxer's index, where it is trusted, must say exactly what reading every packet says.
+INDEX_CASES = {   # name: (ffmpeg output options, whether the index is used)
+    "x264 with B-frames": (("-c:v", "libx264", "-g", "20"), True),
+    "x264 open GOP": (("-c:v", "libx264", "-x264-params", "open_gop=1:keyint=20", "-bf", "3"), True),
+    "x264 without B-frames": (("-c:v", "libx264", "-bf", "0", "-g", "20"), True),
+    "mpeg4 in avi": (("-c:v", "mpeg4", "-g", "20"), True),
+    "variable frame rate": (("-c:v", "libx264", "-vf", "select='lt(n,6)+not(mod(n,3))'", "-fps_mode", "vfr"), False),
+    "vp9 in webm (cues hold keyframes only)": (("-c:v", "libvpx-vp9", "-deadline", "realtime"), False),
+}
+
+
+@pytest.mark.parametrize("name", list(INDEX_CASES))
+def test_the_index_gives_what_reading_every_packet_gives_or_is_not_used(tmp_path, name):
+    options, uses_index = INDEX_CASES[name]
+    suffix = ".webm" if "webm" in name else ".avi" if "avi" in name else ".mp4"
+    path = tmp_path / f"clip{suffix}"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-t", "4", *options, str(path))
+    edited = tmp_path / f"edited{suffix}"   # an edit list: the first 1.3 s cut without re-encoding
+    ffmpeg("-ss", "1.3", "-i", str(path), "-c", "copy", str(edited))
+    for video, expected in ((path, uses_index), (edited, uses_index and suffix == ".avi")):
+        container, stream = open_video(video)
+        with container:
+            from_index = indexed(container, stream, {})
+            assert (from_index is not None) == expected, video.name
+            known = probe(container, stream)
+        fresh, stream = open_video(video)
+        with fresh:
+            times, keyframes = scanned(fresh, stream, {})
+            base = float(stream.time_base)
+        assert np.array_equal(known.times, np.sort(np.asarray(times, dtype=np.float64)) * base)
+        assert np.array_equal(known.keyframes, np.sort(np.asarray(keyframes, dtype=np.float64)) * base)
+        if from_index is not None:
+            assert np.array_equal(np.sort(from_index[0]), np.sort(times)) and sorted(from_index[1]) == sorted(keyframes)
