@@ -8,6 +8,12 @@ asked), one shard per video to keep DVC's no-op fast, and data/frames/report.jso
 the shard's sha256, so that the report changes whenever a shard does) and the optional transcript and auto-caption,
 or why it was quarantined.
 
+Where it runs: `extract.engine: local` decodes on this machine's cores; `ray` hands the videos to a Ray cluster (the
+one RAY_ADDRESS names, or a local Ray when it is unset), one task per group of videos sharing a sha256 prefix (a
+stable key: one changed video changes one group). Each task runs the same decoder under the same limits and writes
+the same shards, so the outputs are the same bytes whichever engine ran them; a task whose worker dies is retried
+by Ray. On a cluster of several machines, data/ must be on a file system every node mounts.
+
 Hostile or broken videos cannot stall or sink the stage: a video whose header claims more than
 `extract.max_source_pixels` or `max_source_frames` is quarantined before decoding, and each video has
 `extract.decode_timeout` seconds in its worker. The pool (pebble's) kills a worker past that limit and starts a fresh
@@ -28,9 +34,12 @@ from stages.data.video import AUDIO_RATE, VideoError, read_audio, sample, sample
 
 RAW = Path("data/raw")
 OUT = Path("data/frames")
-# Limits decide whether a video is quarantined, never what a decoded one gives: report.json's params leave them out,
-# so that its bytes (pinned in dvc.lock) do not move when a limit does. Each quarantine names the limit it hit.
-LIMITS = ("decode_timeout", "max_source_pixels", "max_source_frames")
+# Limits decide whether a video is quarantined, never what a decoded one gives, and the engine decides where it is
+# decoded: report.json's params leave them out, so that its bytes (pinned in dvc.lock) do not move when a limit or the
+# engine does. Each quarantine names the limit it hit.
+NOT_REPORTED = ("decode_timeout", "max_source_pixels", "max_source_frames", "engine")
+GROUP_KEY = 2          # ray: videos are grouped by the first hex digits of their sha256 (256 tasks at most)
+TASK_RETRIES = 3       # ray: restarts of a decoder whose process died (a crash, a lost node), and tries of its task
 
 
 def check(p: dict) -> None:
@@ -104,6 +113,62 @@ def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> No
             ok[video]["auto_caption"] = describe(list(load_file(str(out / ok[video]["shard"]))["frames"]))
 
 
+def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progress=None) -> dict:
+    """{video: report entry} of every (video, audio, duration) job, on the processes of `pool`."""
+    futures = [pool.schedule(extract_one, (video, audio, duration, p, out), timeout=pool_timeout(p["decode_timeout"]))
+               for video, audio, duration in jobs]
+    entries = {}
+    for (video, _, _), future in zip(jobs, futures):
+        entries[video] = outcome(future, p, out / f"{Path(video).name.split('.')[0]}.safetensors")
+        if progress is not None:
+            progress.update()
+    return entries
+
+
+class Decoder:
+    """A Ray actor: one decoding process (a pool of one, for the time limit) that lives as long as the actor, working
+    from `root` (the repository), so that every path, and every quarantine reason that names one, reads as it does
+    on the local engine."""
+
+    def __init__(self, root: Path):
+        os.chdir(root)
+        self.pool = ProcessPool(max_workers=1)
+
+    def decode(self, jobs: list[tuple], p: dict, out: Path) -> dict:
+        return decode_local(jobs, p, out, self.pool)
+
+
+def decode_ray(jobs: list[tuple], p: dict, out: Path, progress) -> dict:
+    """decode_local on a Ray cluster: one task per group of videos that share a sha256 prefix, spread over one Decoder
+    actor per CPU; an actor whose process dies is restarted and its task run again by Ray."""
+    # Decoder is imported by its module name: run as `python -m stages.extract`, this module is __main__, whose
+    # classes Ray would pickle by value, and then the pool inside could not pickle extract_one by reference
+    import ray
+    from ray.util import ActorPool
+
+    import stages
+    from stages.extract import Decoder as decoder_class
+    cluster = os.environ.get("RAY_ADDRESS")
+    # the `stages` package travels to the workers (py_modules)
+    ray.init(address=cluster, num_cpus=None if cluster else p["workers"] or os.cpu_count(),
+             runtime_env={"py_modules": [stages]}, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    try:
+        groups = {}
+        for job in jobs:
+            groups.setdefault(Path(job[0]).name[:GROUP_KEY], []).append(job)
+        actor = ray.remote(num_cpus=1, max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES)(decoder_class)
+        decoders = ActorPool([actor.remote(Path.cwd()) for _ in range(max(int(ray.cluster_resources()["CPU"]), 1))])
+        entries = {}
+        for done in decoders.map_unordered(lambda decoder, group: decoder.decode.remote(group, p, out),
+                                           list(groups.values())):
+            entries.update(done)
+            progress.update(len(done))
+        return entries
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     # Load
     p = load("extract")["extract"]
@@ -113,14 +178,17 @@ def main() -> None:
     audio = {s["videos"][0]: s["audio"] for s in samples if s.get("audio") and s["videos"]}
     duration = {video: s.get("meta", {}).get("duration") for s in samples for video in s["videos"]}
 
-    # Decode, on every core: one video per task, each worker writes its own shard
-    report = {"params": {key: value for key, value in p.items() if key not in LIMITS}, "videos": {}}
+    # Decode, on every core of this machine or of the Ray cluster: each worker writes its own shards
+    report = {"params": {key: value for key, value in p.items() if key not in NOT_REPORTED}, "videos": {}}
+    jobs = [(video, audio.get(video), duration[video]) for video in videos]
     with atomic_dir(OUT) as out:
-        with ProcessPool(max_workers=p["workers"] or os.cpu_count()) as pool:
-            futures = [pool.schedule(extract_one, (video, audio.get(video), duration[video], p, out),
-                                     timeout=pool_timeout(p["decode_timeout"])) for video in videos]
-            for video, future in zip(videos, tqdm(futures, desc="extract", unit="video", mininterval=2)):
-                report["videos"][video] = outcome(future, p, out / f"{Path(video).name.split('.')[0]}.safetensors")
+        with tqdm(total=len(jobs), desc="extract", unit="video", mininterval=2) as progress:
+            if p["engine"] == "ray":
+                entries = decode_ray(jobs, p, out, progress)
+            else:
+                with ProcessPool(max_workers=p["workers"] or os.cpu_count()) as pool:
+                    entries = decode_local(jobs, p, out, pool, progress)
+        report["videos"] = {video: entries[video] for video in videos}
         bad = sorted(v for v, r in report["videos"].items() if r["status"] != "ok")
         report["summary"] = {"videos": len(videos), "ok": len(videos) - len(bad), "quarantined": len(bad)}
         if videos and len(bad) / len(videos) > p["max_bad_fraction"]:

@@ -42,6 +42,19 @@ def test_a_broken_video_is_quarantined_with_its_reason(workspace):
     assert report["summary"]["quarantined"] == 1 and report["summary"]["ok"] == report["summary"]["videos"] - 1
 
 
+def test_the_ray_engine_writes_the_same_bytes_as_the_local_one_and_quarantines_alike(workspace):
+    """A real local Ray with 2 workers (RAY_ADDRESS unset): one task per sha256-prefix group of videos."""
+    video = add_broken_video(workspace)
+    write_params(workspace, {"extract": {"max_bad_fraction": 0.1, "workers": 2}})
+    extract.main()
+    local = {path.name: sha256_file(path) for path in (workspace / "data/frames").iterdir()}
+    write_params(workspace, {"extract": {"max_bad_fraction": 0.1, "workers": 2, "engine": "ray"}})
+    extract.main()
+    assert {path.name: sha256_file(path) for path in (workspace / "data/frames").iterdir()} == local
+    report = json.loads((workspace / "data/frames/report.json").read_text())
+    assert "cannot open" in report["videos"][video]["reason"] and "engine" not in report["params"]
+
+
 def test_too_many_broken_videos_fail_the_stage_and_leave_no_output(workspace):
     add_broken_video(workspace)
     shutil.rmtree(workspace / "data/frames")
@@ -175,6 +188,31 @@ def test_a_decoder_that_crashes_its_worker_costs_that_video_only(workspace, tmp_
     report = json.loads((workspace / "data/frames/report.json").read_text())
     assert report["videos"][video]["reason"] == "decoder crashed (worker exit code -9)"
     assert report["summary"]["ok"] == 24
+
+
+def test_a_ray_worker_killed_mid_task_is_retried_by_ray_and_the_stage_completes(workspace):
+    """The Ray worker running a task (and its decoding process, blocked on a FIFO) is killed as a lost node would
+    end it: Ray runs the task again, the FIFO then times out as on the local engine, and every other video is done."""
+    videos = workspace / "data/raw/videos"
+    os.mkfifo(videos / ("e" * 64 + ".mp4"))
+    (video,) = add_samples(workspace, ["e" * 64 + ".mp4"])
+    write_params(workspace, {"extract": {"decode_timeout": 4, "workers": 2, "max_bad_fraction": 0.5,
+                                         "engine": "ray"}})
+    process = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=workspace,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not (holder := fifo_opener(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert holder, "no Ray task opened the FIFO"
+    task_worker = psutil.Process(holder).parent()
+    assert "Decoder" in " ".join(task_worker.cmdline()), task_worker.cmdline()
+    task_worker.kill()
+    os.kill(holder, signal.SIGKILL)
+    assert process.wait(timeout=120) == 0
+    report = json.loads((workspace / "data/frames/report.json").read_text())
+    assert report["videos"][video]["reason"] == "decode timed out (over extract.decode_timeout=4 s)"
+    assert report["summary"] == {"videos": 25, "ok": 24, "quarantined": 1}
 
 
 def test_a_hung_decoder_holds_its_worker_no_longer_than_decode_timeout(tmp_path, monkeypatch):
