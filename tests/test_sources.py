@@ -47,10 +47,16 @@ def test_references_cannot_leave_the_source_folder(tmp_path):
         sources.resolve("missing.mp4", folder)
 
 
+def split(rows) -> tuple[list[dict], list[dict]]:
+    """(samples, rejects) of url_rows' (sample, reject) pairs."""
+    rows = list(rows)
+    return [sample for sample, _ in rows if sample], [reject for _, reject in rows if reject]
+
+
 def test_url_lists_with_checksums_comments_and_refused_schemes(tmp_path):
     (tmp_path / "urls.txt").write_text("# clips\nhttps://example.com/a.mp4 " + "0" * 64 + "\n\n"
                                        "file:///etc/passwd\nhttp://example.com/b.webm\n")
-    samples, rejects = sources.url_samples({"kind": "urls", "file": "urls.txt"}, tmp_path)
+    samples, rejects = split(sources.url_rows({"kind": "urls", "file": "urls.txt"}, tmp_path))
     assert [s["videos"] for s in samples] == [["https://example.com/a.mp4"], ["http://example.com/b.webm"]]
     assert samples[0]["meta"]["sha256"] == "0" * 64 and samples[0]["caption"] is None
     assert rejects == [{"id": None, "source": f"{tmp_path / 'urls.txt'}:4", "field": "url",
@@ -60,7 +66,7 @@ def test_url_lists_with_checksums_comments_and_refused_schemes(tmp_path):
 def test_url_lists_are_read_line_by_line_and_a_line_over_the_limit_is_a_reject(tmp_path):
     (tmp_path / "urls.txt").write_bytes(b"https://example.com/a.mp4\n" + b"https://example.com/" + b"x" * 5000
                                         + b".mp4\n" + b"https://example.com/caf\xe9.mp4\nhttps://example.com/b.mp4\n")
-    samples, rejects = sources.url_samples({"kind": "urls", "file": "urls.txt"}, tmp_path, max_line_bytes=1024)
+    samples, rejects = split(sources.url_rows({"kind": "urls", "file": "urls.txt"}, tmp_path, max_line_bytes=1024))
     assert [s["videos"] for s in samples] == [["https://example.com/a.mp4"], ["https://example.com/b.mp4"]]
     assert [(r["source"].rsplit(":", 1)[1], r["field"]) for r in rejects] == [("2", "url"), ("3", "url")]
     assert rejects[0]["reason"] == "line longer than collect.max_line_bytes=1024 bytes, or not UTF-8"
@@ -75,7 +81,7 @@ def test_listings_name_each_video_by_path_or_url_and_sha256_and_a_bad_line_is_a_
                                        f"s3://bucket/c.mp4 {digest}\nhttps://example.com/d.mp4 {digest}\n"
                                        f"/data/e.mp4\n/data/f.mp4 xyz\nfile:///data/g.mp4 {digest}\n"
                                        f"nosuch://x/h.mp4 {digest}\n")
-    samples, rejects = sources.url_samples({"kind": "listing", "file": "list.txt"}, tmp_path)
+    samples, rejects = split(sources.url_rows({"kind": "listing", "file": "list.txt"}, tmp_path))
     assert [s["videos"][0] for s in samples] == ["/data/a.mp4", "clips/b.mp4", "s3://bucket/c.mp4",
                                                  "https://example.com/d.mp4", "file:///data/g.mp4"]
     assert all(s["meta"]["sha256"] == digest and s["meta"]["listed"] and s["id"].startswith("listed-")

@@ -197,11 +197,9 @@ def import_source(source: dict, download: dict, videos: Path, max_line_bytes: in
 
 
 def parsed(source: dict, folder: Path, max_line_bytes: int):
-    """Yield (sample, None) or (None, reject record) per row of a source's file or list, rejects of a URL list first."""
+    """Yield (sample, None) or (None, reject record) per row of a source's file or list, in its order."""
     if source["kind"] in ("urls", "listing"):
-        samples, rejects = url_samples(source, folder, max_line_bytes)
-        yield from ((None, reject) for reject in rejects)
-        yield from ((sample, None) for sample in samples)
+        yield from url_rows(source, folder, max_line_bytes)
         return
     for sample, error in formats.iter_annotations(folder / source["annotations"], source.get("format", "auto"),
                                                   max_line_bytes):
@@ -221,31 +219,28 @@ def url_lines(path: Path, max_line_bytes: int):
                 yield f"{path}:{number}", line.split() if line is not None else None
 
 
-def url_samples(source: dict, folder: Path,
-                max_line_bytes: int = formats.MAX_LINE_BYTES) -> tuple[list[dict], list[dict]]:
-    """One uncaptioned sample per URL, from `urls` (a list) or `file` (one "URL [sha256]" per line); or per line of
-    a listing (`kind: listing`: "<path or URL> <sha256>", the sha256 required)."""
+def url_rows(source: dict, folder: Path, max_line_bytes: int = formats.MAX_LINE_BYTES):
+    """Yield (sample, None) or (None, reject record) in the file's order: one uncaptioned sample per URL, from `urls`
+    (a list) or `file` (one "URL [sha256]" per line); or per line of a listing (`kind: listing`: "<path or URL>
+    <sha256>", the sha256 required). One line at a time: a listing of millions is never held whole."""
     listing = source["kind"] == "listing"
     if "file" in source:
         lines = url_lines(folder / source["file"], max_line_bytes)
     else:
         lines = [(f"collect.sources.urls[{n}]", [url]) for n, url in enumerate(source["urls"])]
-    samples, rejects = [], []
     for where, fields in lines:
         try:
             reference, checksum = listed_line(fields, max_line_bytes) if listing else url_line(fields, max_line_bytes)
         except LineError as error:
             field, reason = error.args
-            rejects.append({"id": None, "source": where, "field": field, "reason": reason})
+            yield None, {"id": None, "source": where, "field": field, "reason": reason}
             continue
         name = hashlib.sha256(reference.encode()).hexdigest()[:16]
         meta = {"source_url": reference, **({"sha256": checksum} if checksum else {}), **({"listed": True} if listing
                                                                                           else {})}
-        samples.append({"id": f"{'listed' if listing else 'url'}-{name}", "videos": [reference],
-                        "question": DEFAULT_QUESTION, "caption": None,
-                        "messages": [{"role": "user", "content": f"{formats.VIDEO}\n{DEFAULT_QUESTION}"}],
-                        "meta": meta})
-    return samples, rejects
+        yield {"id": f"{'listed' if listing else 'url'}-{name}", "videos": [reference], "question": DEFAULT_QUESTION,
+               "caption": None, "messages": [{"role": "user", "content": f"{formats.VIDEO}\n{DEFAULT_QUESTION}"}],
+               "meta": meta}, None
 
 
 def url_line(fields: list[str] | None, max_line_bytes: int) -> tuple[str, str | None]:

@@ -199,8 +199,17 @@ def indexed(container, stream, p: dict) -> tuple[np.ndarray, list[int]] | None:
     steps = np.diff(decode_times)
     if steps[0] <= 0 or steps.min() != steps.max() or not key_decode_times:
         return None
-    with av.open(container.name) as reader:   # a second handle: the caller's demuxer stays where it was
-        video = reader.streams[stream.index]
+    try:
+        return checked_against_packets(container.name, stream.index, decode_times, key_decode_times)
+    except av.FFmpegError:   # the packets themselves will tell, or give the error
+        return None
+
+
+def checked_against_packets(name: str, index: int, decode_times: np.ndarray, key_decode_times: list[int]):
+    """`indexed`'s presentation times and keyframes, checked against the first packets and every keyframe packet of
+    the file `name`, read through a second handle (the caller's demuxer stays where it was); None on a mismatch."""
+    with av.open(name) as reader:
+        video = reader.streams[index]
         first = [packet.pts for packet in itertools.islice(reader.demux(video), 32) if packet.size]
         if not first or None in first:
             return None
