@@ -170,19 +170,25 @@ def test_hung_huge_and_endless_videos_are_quarantined_within_their_limits(worksp
     assert elapsed < timeout + 20, f"extract took {elapsed:.1f} s with decode_timeout={timeout}"
 
 
-def test_a_decoder_that_crashes_its_worker_costs_that_video_only(workspace, tmp_path):
-    """A worker killed from outside (as a segfault in libav would end it) is reported, and the pool goes on."""
-    videos = workspace / "data/raw/videos"
-    os.mkfifo(videos / ("e" * 64 + ".mp4"))
+def stage_blocked_on_a_fifo(workspace, extract_params: dict, wait_s: float) -> tuple[subprocess.Popen, str, int]:
+    """The extract stage started in the background on the workspace plus one sample whose video is a FIFO nobody
+    writes: (the stage process, that video as samples.jsonl names it, the pid of the process blocked opening it)."""
+    os.mkfifo(workspace / "data/raw/videos" / ("e" * 64 + ".mp4"))
     (video,) = add_samples(workspace, ["e" * 64 + ".mp4"])
-    write_params(workspace, {"extract": {"decode_timeout": 60, "workers": 2, "max_bad_fraction": 0.5}})
+    write_params(workspace, {"extract": {"workers": 2, "max_bad_fraction": 0.5, **extract_params}})
     process = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=workspace,
                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + wait_s
     while not (holder := fifo_opener(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert holder, "no worker opened the FIFO"
+    assert holder, "no decoding process opened the FIFO"
+    return process, video, holder
+
+
+def test_a_decoder_that_crashes_its_worker_costs_that_video_only(workspace, tmp_path):
+    """A worker killed from outside (as a segfault in libav would end it) is reported, and the pool goes on."""
+    process, video, holder = stage_blocked_on_a_fifo(workspace, {"decode_timeout": 60}, wait_s=60)
     os.kill(holder, signal.SIGKILL)
     assert process.wait(timeout=60) == 0
     report = json.loads((workspace / "data/frames/report.json").read_text())
@@ -193,18 +199,7 @@ def test_a_decoder_that_crashes_its_worker_costs_that_video_only(workspace, tmp_
 def test_a_ray_worker_killed_mid_task_is_retried_by_ray_and_the_stage_completes(workspace):
     """The Ray worker running a task (and its decoding process, blocked on a FIFO) is killed as a lost node would
     end it: Ray runs the task again, the FIFO then times out as on the local engine, and every other video is done."""
-    videos = workspace / "data/raw/videos"
-    os.mkfifo(videos / ("e" * 64 + ".mp4"))
-    (video,) = add_samples(workspace, ["e" * 64 + ".mp4"])
-    write_params(workspace, {"extract": {"decode_timeout": 4, "workers": 2, "max_bad_fraction": 0.5,
-                                         "engine": "ray"}})
-    process = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=workspace,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 90
-    while not (holder := fifo_opener(process.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert holder, "no Ray task opened the FIFO"
+    process, video, holder = stage_blocked_on_a_fifo(workspace, {"decode_timeout": 4, "engine": "ray"}, wait_s=90)
     task_worker = psutil.Process(holder).parent()
     assert "Decoder" in " ".join(task_worker.cmdline()), task_worker.cmdline()
     task_worker.kill()
