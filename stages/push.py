@@ -4,8 +4,11 @@ params that trained it, its test metrics and plots (PNG, rendered offline), the 
 of the data it was trained on.
 `push.target: hf` then uploads each folder (and with `push.dataset`, the manifest and frames) as one commit per repo.
 
-Output: export/seq2seq/, export/vlm/, export/push.json (the receipt: target, repo, commit id, content hash, and
-whether anything was uploaded; a rerun with unchanged content uploads nothing).
+The text-to-video model goes to export/t2v/ in the diffusers layout (model_index.json and one folder per component),
+which `DiffusionPipeline.from_pretrained` loads, with a card of the same lineage format.
+
+Output: export/seq2seq/, export/vlm/, export/t2v/, export/push.json (the receipt: target, repo, commit id, content
+hash, and whether anything was uploaded; a rerun with unchanged content uploads nothing).
 """
 import json
 import os
@@ -22,7 +25,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoProcessor
 from stages.ask import SAMPLING_FILE, sampling_record
 from stages.common.files import atomic_dir, read_jsonl, write_json
 from stages.common.params import PARAMS_FILE, load
-from stages.models import vlm
+from stages.models import t2v, vlm
 from stages.results import hub
 from stages.results.plots import render_card_plots
 from stages.training.trainer import final_output, trained_path
@@ -32,6 +35,9 @@ DATA = Path("data")
 OUT = Path("export")
 LOCK = Path("dvc.lock")
 TASKS = {"seq2seq": ("text2text-generation", "AutoTokenizer"), "vlm": ("image-text-to-text", "AutoProcessor")}
+T2V_STRIPS = Path("eval/t2v/strips")
+T2V_METRICS = Path("eval/t2v/metrics.json")
+STRIPS_ON_CARD = 4
 HUB_METRICS = {"bleu": "bleu", "rouge_l": "rouge", "cider_d": "cider", "meteor": "meteor", "exact_match": "exact_match"}
 
 
@@ -153,8 +159,6 @@ def model_card(name: str, training: dict, metrics: dict, data: list[dict], git: 
     sft = metrics.get(f"{name}_sft")   # the model an alignment started from, when one ran
     rows = "\n".join(f"| {metric} | {value} |" + (f" {sft.get(metric, '')} |" if sft else "")
                      + f" {metrics.get(name + '_untrained', {}).get(metric, '')} |" for metric, value in scores.items())
-    data_rows = "\n".join(f"| `{d['path']}` | `{d['md5']}` |" for d in data)
-    commit = f"`{git['commit']}`" + (" (with uncommitted changes)" if git["dirty"] else "") if git["commit"] else "none"
     images = "\n\n".join(f"![{plot.stem.replace('_', ' ')}](plots/{plot.name})" for plot in plots)
     return f"""---
 {yaml.safe_dump(front, sort_keys=False)}---
@@ -177,10 +181,73 @@ processor = {processor_class}.from_pretrained("{where}")
 
 {images}
 
-## Params
+{params_and_lineage(training['params'], git, data)}"""
+
+
+def export_t2v(target: Path, training: dict, max_shard_size: str) -> dict:
+    """The trained pipeline, re-saved by its own class in shards of at most `max_shard_size`, and its card's strips.
+    Returns the keyword arguments a generation needs to condition as training did (the card's snippet shows them)."""
+    fam = t2v.family(training["family"])
+    pipe = t2v.load_pipeline(fam, MODELS / "t2v" / "pipeline")
+    pipe.save_pretrained(target, max_shard_size=max_shard_size)
+    (target / "plots").mkdir()
+    for strip in sorted(T2V_STRIPS.glob("*.png"))[:STRIPS_ON_CARD]:
+        shutil.copy(strip, target / "plots" / strip.name)
+    return fam.generation_arguments(pipe)
+
+
+def t2v_card(training: dict, metrics: dict, data: list[dict], git: dict, where: str, generation: dict) -> str:
+    """The text-to-video model's card: the lineage format of `model_card`, with diffusers' loading code."""
+    base, num_frames, side = training["base_model"], *training["clip_shape"][:2]
+    local = Path(base).exists()
+    front = {"library_name": "diffusers", "pipeline_tag": "text-to-video",
+             "tags": ["text-to-video", "dvc", training["family"]], **({} if local else {"base_model": base})}
+    base_text = (f"[`{base}`](https://huggingface.co/{base})" if not local else
+                 f"a tiny {training['family']} pipeline built offline from its config classes (random denoiser, "
+                 f"its VAE trained first, saved at `{base}`)")
+    def cell(model: str, metric: str) -> str:
+        value = metrics.get(model, {}).get(metric)
+        return "" if value is None else f"{value:.3g}"
+    rows = "\n".join(f"| {metric} | {cell('t2v', metric)} | {cell('t2v_untrained', metric)} |"
+                     for metric in metrics["t2v"])
+    images = "\n\n".join(f"![{p.stem.replace('_', ' ')}](plots/{p.name})"
+                          for p in sorted(T2V_STRIPS.glob("*.png"))[:STRIPS_ON_CARD])
+    extra = "".join(f", {key}={value!r}" for key, value in generation.items())
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False)}---
+# t2v
+
+Fine-tuned from {base_text} by the `train_t2v` stage of this DVC pipeline ({training['global_step']} steps, final
+training loss {training['train_loss']:.4f}). {kept_text(training["selection"])}
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{where}")
+frames = pipe("a red circle moves left", num_frames={num_frames}, height={side}, width={side}{extra}).frames[0]
+```
+
+## Test metrics
+
+Colour and direction read from clips generated for the test captions (`evaluate_t2v`), and a Fréchet distance on
+8x8 frame thumbnails against the real test frames.
+
+| metric | this model | untrained twin |
+|---|---|---|
+{rows}
+
+{images}
+
+{params_and_lineage(training['params'], git, data)}"""
+
+
+def params_and_lineage(params: dict, git: dict, data: list[dict]) -> str:
+    """Every card's last sections: the params that trained it, the git commit, and the data's hashes from dvc.lock."""
+    commit = f"`{git['commit']}`" + (" (with uncommitted changes)" if git["dirty"] else "") if git["commit"] else "none"
+    rows = "\n".join(f"| `{d['path']}` | `{d['md5']}` |" for d in data)
+    return f"""## Params
 
 ```yaml
-{yaml.safe_dump(training['params'], sort_keys=False).strip()}
+{yaml.safe_dump(params, sort_keys=False).strip()}
 ```
 
 ## Lineage
@@ -189,7 +256,7 @@ Git commit: {commit}. Data, with its hashes from `dvc.lock`:
 
 | path | md5 |
 |---|---|
-{data_rows}
+{rows}
 """
 
 
@@ -292,6 +359,14 @@ def main() -> None:
                                                          dataset_repo, plots, where, sampling))
             folders[name] = {f.relative_to(target).as_posix(): f for f in sorted(target.rglob("*")) if f.is_file()}
             receipt["models"][name] = {"path": str(OUT / name), "content_sha256": hub.content_sha256(folders[name])}
+        training = json.loads((MODELS / "t2v" / "training.json").read_text())
+        generation = export_t2v(out / "t2v", training, p["max_shard_size"])
+        where = f"{namespace}/{p['repo_prefix']}-t2v" if namespace else str(OUT / "t2v")
+        (out / "t2v" / "README.md").write_text(t2v_card(training, json.loads(T2V_METRICS.read_text()),
+                                                        lineage("train_t2v"), git, where, generation))
+        folders["t2v"] = {f.relative_to(out / "t2v").as_posix(): f for f in sorted((out / "t2v").rglob("*"))
+                          if f.is_file()}
+        receipt["models"]["t2v"] = {"path": str(OUT / "t2v"), "content_sha256": hub.content_sha256(folders["t2v"])}
 
         # Publish
         if api is not None:

@@ -42,8 +42,8 @@ def workspace(small_data, tmp_path):
 
 @pytest.fixture(scope="session")
 def trained(small_data, tmp_path_factory) -> Path:
-    """The small workspace after both trainers (a few steps each) and evaluate."""
-    from stages import evaluate, train_seq2seq, train_vlm
+    """The small workspace after the three trainers (a few steps each) and both evaluations."""
+    from stages import evaluate, evaluate_t2v, train_seq2seq, train_t2v, train_vlm
 
     folder = tmp_path_factory.mktemp("trained") / "ws"
     shutil.copytree(small_data, folder)
@@ -51,6 +51,8 @@ def trained(small_data, tmp_path_factory) -> Path:
         train_seq2seq.main()
         train_vlm.main()
         evaluate.main()
+        train_t2v.main()
+        evaluate_t2v.main()
     return folder
 
 

@@ -30,6 +30,9 @@ SMALL = {
     "train_seq2seq": {"max_steps": 8, "batch_size": 4},
     "train_vlm": {"max_steps": 8, "batch_size": 4},
     "evaluate": {"batch_size": 8, "max_new_tokens": 8},
+    "train_t2v": {"max_steps": 8, "batch_size": 4, "eval_every": 4, "save_steps": 4,
+                  "tiny": {**YAML().load((REPO / "params.yaml").read_text())["train_t2v"]["tiny"], "vae_steps": 20}},
+    "evaluate_t2v": {"samples_per_caption": 1, "steps": 2, "batch_size": 8},
 }
 
 

@@ -14,7 +14,8 @@ from tests.helpers import REPO
 BARS = ("Loading weights", "Writing model shards")
 GEMM = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"
 CPU_FALLBACK = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
-NOISE = (*BARS, GEMM, CPU_FALLBACK)
+DIFFUSERS = ("Loading pipeline components", "should be kept in float32: [].")
+NOISE = (*BARS, GEMM, CPU_FALLBACK, *DIFFUSERS)
 # A 2-layer Llama with an untied lm_head: a checkpoint of the bare LlamaModel lacks it, which transformers reports
 TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -51,6 +52,20 @@ model.save_pretrained(sys.argv[2] + "/model")
 model.gradient_checkpointing_enable()                 # a deprecated alias: transformers' own warnings.warn
 from deepspeed.utils import logger
 logger.warning("a real DeepSpeed warning")
+
+# diffusers: AnimateDiff's UNet built from a 2D one (train_t2v's tiny build), a pipeline saved and loaded back
+from diffusers import DDPMPipeline, DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNet2DModel, UNetMotionModel
+from diffusers.utils import logging as diffusers_logging
+unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16)
+UNetMotionModel.from_unet2d(unet, MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1,
+                                                motion_norm_num_groups=8))
+image_unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+DDPMPipeline(image_unet, DDPMScheduler()).save_pretrained(sys.argv[2] + "/pipe")
+DDPMPipeline.from_pretrained(sys.argv[2] + "/pipe")
+diffusers_logging.get_logger("diffusers.models.modeling_utils").warning("a real diffusers warning")
 """
 
 
@@ -85,3 +100,4 @@ def test_a_stage_console_has_the_real_warnings_and_no_noise(mode, tmp_path):
     assert "LOAD REPORT" in console and "lm_head.weight" in console and "MISSING" in console, console
     assert "FutureWarning: `gradient_checkpointing_enable` is deprecated" in console, console
     assert "a real DeepSpeed warning" in console, console
+    assert "a real diffusers warning" in console, console

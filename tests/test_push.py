@@ -21,7 +21,10 @@ LOCK = {"schema": "2.0", "stages": {
         {"path": "stages/train_seq2seq.py", "md5": "2" * 32, "size": 1}]},
     "train_vlm": {"cmd": "python -m stages.train_vlm", "deps": [
         {"path": "data/frames", "md5": "3" * 32 + ".dir", "size": 1, "nfiles": 2},
-        {"path": "data/manifest/train.jsonl", "md5": "1" * 32, "size": 1}]}}}
+        {"path": "data/manifest/train.jsonl", "md5": "1" * 32, "size": 1}]},
+    "train_t2v": {"cmd": "python -m stages.train_t2v", "deps": [
+        {"path": "data/frames/report.json", "md5": "4" * 32, "size": 1},
+        {"path": "stages/train_t2v.py", "md5": "5" * 32, "size": 1}]}}}
 
 
 def workspace_with_lock(trained, tmp_path, push_params=None):
@@ -94,6 +97,26 @@ def test_exported_models_load_and_generate_as_from_the_hub(exported, trained):
     assert model.generate(**inputs, max_new_tokens=4).shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_the_text_to_video_export_is_a_diffusers_pipeline_whose_card_snippet_generates(exported, trained):
+    t2v = exported / "t2v"
+    index = json.loads((t2v / "model_index.json").read_text())
+    assert index["_class_name"] == "AnimateDiffPipeline"
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {p.name for p in t2v.iterdir()}
+    card = (t2v / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-video"
+    assert f"`data/frames/report.json` | `{'4' * 32}`" in card and "stages/train_t2v.py" not in card
+    metrics = json.loads((trained / "eval/t2v/metrics.json").read_text())
+    assert f"| color_accuracy | {metrics['t2v']['color_accuracy']:.3g} |" in card
+    strips = sorted(p.name for p in (t2v / "plots").iterdir())
+    assert strips and all(f"(plots/{name})" in card for name in strips)
+    snippet = card.split("```python\n")[1].split("```")[0]
+    scope = {}
+    with inside(exported.parent):                       # the card names the export by its path there
+        exec(snippet.replace("num_frames=", "num_inference_steps=2, num_frames="), scope)   # the card's code, 2 steps
+    assert np.asarray(scope["frames"]).shape == (4, 32, 32, 3)
+
+
 def test_push_without_a_lock_says_how_to_get_one(trained, tmp_path):
     folder = tmp_path / "ws"
     shutil.copytree(trained, folder)
@@ -104,7 +127,7 @@ def test_push_without_a_lock_says_how_to_get_one(trained, tmp_path):
 
 def test_receipt_of_a_dir_export(exported):
     receipt = json.loads((exported / "push.json").read_text())
-    assert receipt["target"] == "dir" and set(receipt["models"]) == {"seq2seq", "vlm"}
+    assert receipt["target"] == "dir" and set(receipt["models"]) == {"seq2seq", "vlm", "t2v"}
     assert receipt["models"]["vlm"]["path"] == "export/vlm" and len(receipt["models"]["vlm"]["content_sha256"]) == 64
 
 
@@ -125,7 +148,7 @@ def test_hf_target_uploads_each_model_and_the_dataset_once(trained, tmp_path, fa
     with inside(folder):
         push.main()
     receipt = json.loads((folder / "export/push.json").read_text())
-    for name in ("seq2seq", "vlm"):
+    for name in ("seq2seq", "vlm", "t2v"):
         entry = receipt["models"][name]
         assert entry["repo"] == f"alice/video-lm-{name}" and entry["uploaded"]
         local = {f.relative_to(folder / "export" / name).as_posix(): f.read_bytes()
@@ -141,7 +164,7 @@ def test_hf_target_uploads_each_model_and_the_dataset_once(trained, tmp_path, fa
     again = json.loads((folder / "export/push.json").read_text())
     assert not any(entry["uploaded"] for entry in again["models"].values()) and not again["dataset"]["uploaded"]
     assert [e["commit"] for e in again["models"].values()] == [e["commit"] for e in receipt["models"].values()]
-    assert len(fake_hub.calls("POST", "/commit/")) == 3
+    assert len(fake_hub.calls("POST", "/commit/")) == 4        # one per model repo and the dataset, once
     assert [r for r in fake_hub.requests if r["authorization"] != f"Bearer {TOKEN}"] == []
 
 

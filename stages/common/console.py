@@ -21,6 +21,14 @@ logging or progress-bar switch. None of them says anything about the run:
   those are turned back on. A user who set HF_HUB_DISABLE_PROGRESS_BARS=0 asked for every bar (transformers reads that
   variable for its own bars too): then nothing is turned off.
 
+- diffusers' progress bars "Loading pipeline components" (every pipeline `from_pretrained`) and the sampling steps
+  of every pipeline call, through `diffusers.utils.logging.disable_progress_bar()`: evaluate_t2v calls a pipeline
+  once per batch and shows its own summary.
+- diffusers, logger `diffusers.models.modeling_utils`: "There are modules in UNetMotionModel that should be kept in
+  float32: []. Casting directly with `to()` can lead to inconsistent results ...", written when AnimateDiff's
+  `UNetMotionModel.from_unet2d` casts the new model to the UNet's dtype (train_t2v's tiny build). The list is empty:
+  no module needs keeping, so a filter drops exactly that record (with an empty list) and the logger keeps its level.
+
 Everything else still reaches the console: Python warnings (`warnings.warn`), transformers' logger, every other
 logger, and the stages' tqdm bars (the trainers' step bar, stages.training.trainer.ProgressBar, stands in for the
 Trainer's printing of every log line as a dict; dvclive keeps those lines).
@@ -34,11 +42,18 @@ import logging
 
 BITSANDBYTES_CPU_OPS = "bitsandbytes.backends.cpu.ops"
 DEEPSPEED_CPU_FALLBACK = "Setting accelerator to CPU."
+DIFFUSERS_MODELING = "diffusers.models.modeling_utils"
+NOTHING_KEPT_IN_FLOAT32 = "should be kept in float32: []."
 
 
 def not_deepspeed_cpu_fallback(record: logging.LogRecord) -> bool:
     """A filter for the `DeepSpeed` logger: every record but the CPU fallback notice."""
     return not record.getMessage().startswith(DEEPSPEED_CPU_FALLBACK)
+
+
+def not_empty_float32_notice(record: logging.LogRecord) -> bool:
+    """A filter for diffusers' modeling logger: every record but the float32 notice that names no module."""
+    return NOTHING_KEPT_IN_FLOAT32 not in record.getMessage()
 
 
 def quiet_libraries() -> None:
@@ -51,11 +66,14 @@ def quiet_libraries() -> None:
     logging.getLogger(BITSANDBYTES_CPU_OPS).setLevel(logging.ERROR)
     # A filter, not a level: deepspeed resets the level of its logger when it is imported, and keeps its filters.
     logging.getLogger("DeepSpeed").addFilter(not_deepspeed_cpu_fallback)   # added once: addFilter skips a duplicate
+    logging.getLogger(DIFFUSERS_MODELING).addFilter(not_empty_float32_notice)
     if huggingface_hub.constants.HF_HUB_DISABLE_PROGRESS_BARS is not False:
         hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
         transformers_logging.disable_progress_bar()
         if hub_bars:
             huggingface_hub.utils.enable_progress_bars()
+        import diffusers.utils.logging
+        diffusers.utils.logging.disable_progress_bar()
 
 
 # At import, for the lines written while a library is imported (see the docstring's last paragraph).
