@@ -13,6 +13,9 @@ bench/results/reproducibility.json, with the tolerance it suggests: 1.5 x the la
 instruction sets, rounded up, and at least one test sample's worth of accuracy. The seeds are reported beside it, not
 folded in: a seed can land a model in another basin (at seed 2 the seq2seq model misses most shapes), and a tolerance
 that admitted that would pass a broken model. `--summarize` recomputes the table from the JSON without training.
+
+`--pin t2v` does the same for the text-to-video model (train_t2v, evaluate_t2v; eval/t2v/metrics.json, its
+tolerance in eval/t2v/metrics.tolerance.json), into bench/results/reproducibility_t2v.json.
 """
 import json
 import math
@@ -30,6 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "DVC_NO_ANALYTICS": "1"}
 MARGIN = 1.5
+# pin -> (its metrics, the stages that train and evaluate its models, its results, the samples it scores)
+PINS = {"default": ("eval/metrics.json", ("train_seq2seq", "train_vlm", "evaluate"), "reproducibility.json",
+                    "data/manifest/test.jsonl"),
+        "t2v": ("eval/t2v/metrics.json", ("train_t2v", "evaluate_t2v"), "reproducibility_t2v.json",
+                "eval/t2v/clips.jsonl")}
 
 
 def run(command: list[str], cwd: Path, env: dict) -> None:
@@ -51,24 +59,25 @@ def variants() -> dict[str, dict]:
     return found
 
 
-def train_and_evaluate(clone: Path, variant: dict) -> dict:
+def train_and_evaluate(clone: Path, variant: dict, pin: str) -> dict:
     yaml = YAML()
     params = yaml.load((clone / "params.yaml").read_text())
     params["base"]["seed"] = variant.get("seed", 0)
     with open(clone / "params.yaml", "w") as f:
         yaml.dump(params, f)
     env = {**ENV, **variant.get("env", {})}
-    for stage in ("train_seq2seq", "train_vlm", "evaluate"):
+    metrics, stages = PINS[pin][:2]
+    for stage in stages:
         run([sys.executable, "-m", f"stages.{stage}"], clone, env)
     run(["git", "checkout", "--", "params.yaml"], clone, ENV)
-    return json.loads((clone / "eval/metrics.json").read_text())
+    return json.loads((clone / metrics).read_text())
 
 
 def suggested(deviation: float, metric: str, test_samples: int) -> float:
     """MARGIN x the deviation, rounded up to the metric's scale; accuracies at least one test sample's worth."""
     if metric.endswith(("accuracy", "exact_match")):
         return max(math.ceil(MARGIN * deviation * 100) / 100, math.ceil(100 / test_samples) / 100)
-    step = 10.0 if metric == "cider_d" else 0.5
+    step = {"cider_d": 10.0, "frechet_distance": 0.05}.get(metric, 0.5)
     return max(math.ceil(MARGIN * deviation / step) * step, step)
 
 
@@ -84,18 +93,20 @@ def admit_a_perfect_meteor(tolerance: dict, pinned: dict) -> dict:
     return tolerance
 
 
-def measure(pinned: dict) -> dict:
+def measure(pinned: dict, pin: str) -> dict:
     measured, seconds = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         clone = Path(scratch) / "repo"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         run(["dvc", "repro", "manifest"], clone, ENV)
-        test_samples = sum(1 for _ in open(clone / "data/manifest/test.jsonl"))
         for name, variant in variants().items():
             start = time.perf_counter()
-            measured[name] = train_and_evaluate(clone, variant)
+            measured[name] = train_and_evaluate(clone, variant, pin)
             seconds[name] = round(time.perf_counter() - start, 1)
             print(f"{name}: {seconds[name]} s", flush=True)
+        # one test sample's worth of accuracy: a test row, or a clip the trained text-to-video model generated
+        rows = [json.loads(line) for line in open(clone / PINS[pin][3])]
+        test_samples = sum(1 for row in rows if row.get("model") in (None, "t2v"))
     return {"native_capability": native_capability(), "machine": platform.machine(), "cores": os.cpu_count(),
             "pinned": pinned, "measured": measured, "seconds": seconds, "test_samples": test_samples}
 
@@ -129,11 +140,12 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
-    out = REPO / "bench/results/reproducibility.json"
+    pin = sys.argv[sys.argv.index("--pin") + 1] if "--pin" in sys.argv else "default"
+    out = REPO / "bench/results" / PINS[pin][2]
     if "--summarize" in sys.argv[1:]:
         result = json.loads(out.read_text())
     else:
-        result = measure(json.loads((REPO / "eval/metrics.json").read_text()))
+        result = measure(json.loads((REPO / PINS[pin][0]).read_text()), pin)
     result = summarize(result)
     print_table(result)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

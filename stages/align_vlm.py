@@ -137,8 +137,8 @@ def main() -> None:
         finetune.save(trainer, processor, out, str(start), p, fam)
         write_record(trainer, out, OUT, str(start), p, result, method=p["method"], family=sft["family"],
                      rejected=len(rejects), resumed_from=resume and Path(resume).name, **timer.summary())
+    remove_checkpoints("align_vlm")
     if distributed.is_main_process():
-        remove_checkpoints("align_vlm")
         print(f"align_vlm: {p['method']}, {result.global_step} steps, {schedule.describe(trainer.state, trainer.args)}"
               f", {len(rejects)} samples over the token budget -> {OUT}/")
     distributed.finish()

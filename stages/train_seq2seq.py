@@ -102,8 +102,8 @@ def main() -> None:
         # Save
         save_model(trainer, out / "model")
         write_record(trainer, out, OUT, base, p, result, resumed_from=resume and Path(resume).name, **timer.summary())
+    remove_checkpoints("train_seq2seq")
     if distributed.is_main_process():
-        remove_checkpoints("train_seq2seq")
         print(f"train_seq2seq: {result.global_step} steps, train loss {result.training_loss:.3f}, "
               f"{schedule.describe(trainer.state, trainer.args)} -> {OUT}/")
     distributed.finish()

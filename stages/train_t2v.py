@@ -47,9 +47,11 @@ def build_tiny(fam, p: dict, rows: list[dict], clips: np.ndarray, seed: int, out
     tokenizer.model_max_length = p["tiny"]["max_text_tokens"]
     pipe = fam.PIPELINE(**fam.build_tiny(p["tiny"], tokenizer, clips.shape[2], clips.shape[1]))
     check_shape(fam, pipe, clips)   # before the VAE trains on clips it would misread
-    losses = diffusion.train_vae(pipe, fam, clips, p["tiny"]["vae_steps"], batch=16, learning_rate=4e-3, seed=seed)
+    tiny = p["tiny"]
+    losses = diffusion.train_vae(pipe, fam, clips, tiny["vae_steps"], tiny["vae_batch_size"],
+                                 tiny["vae_learning_rate"], seed)
     pipe.save_pretrained(out)
-    print(f"train_t2v: tiny VAE, {p['tiny']['vae_steps']} steps, reconstruction loss {losses[0]} -> {losses[-1]}")
+    print(f"train_t2v: tiny VAE, {tiny['vae_steps']} steps, reconstruction loss {losses[0]} -> {losses[-1]}")
     return out
 
 
@@ -146,8 +148,8 @@ def main() -> None:
         write_record(trainer, out, OUT, base, p, result, family=p["family"], rejected=len(rejects),
                      clip_shape=list(train_clips.shape[1:4]), resumed_from=resume and Path(resume).name,
                      **timer.summary())
+    remove_checkpoints("train_t2v")
     if distributed.is_main_process():
-        remove_checkpoints("train_t2v")
         print(f"train_t2v: {result.global_step} steps, train loss {result.training_loss:.4f}, "
               f"{schedule.describe(trainer.state, trainer.args)}, {len(rejects)} clips left out -> {OUT}/")
     distributed.finish()

@@ -95,8 +95,8 @@ def main() -> None:
         finetune.save(trainer, processor, out, base.replace(str(out), str(OUT)), p, fam)
         write_record(trainer, out, OUT, base, p, result, family=p["family"], rejected=len(rejects),
                      resumed_from=resume and Path(resume).name, **timer.summary())
+    remove_checkpoints("train_vlm")
     if distributed.is_main_process():
-        remove_checkpoints("train_vlm")
         print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "
               f"{schedule.describe(trainer.state, trainer.args)}, {len(rejects)} samples over the token "
               f"budget -> {OUT}/")

@@ -24,7 +24,8 @@ TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidde
 # (and with it peft and bitsandbytes), load a model from a checkpoint without lm_head and save it (which imports
 # deepspeed). It plays a CPU with AVX512-BF16, where bitsandbytes looks for the `kernels` package (requirements.txt
 # does not install it), and the tests hide the GPUs, so that DeepSpeed falls back to CPU. argv[1] == "quiet" imports
-# the console module first, as the stages do; argv[2] is a scratch folder. TINY is filled in below.
+# the console module first, as the stages do, and calls quiet_libraries() again after its imports, as their main()
+# does; argv[2] is a scratch folder. TINY is filled in below.
 STAGE = """
 import importlib.abc, importlib.machinery, sys
 
@@ -56,6 +57,8 @@ logger.warning("a real DeepSpeed warning")
 # diffusers: AnimateDiff's UNet built from a 2D one (train_t2v's tiny build), a pipeline saved and loaded back
 from diffusers import DDPMPipeline, DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNet2DModel, UNetMotionModel
 from diffusers.utils import logging as diffusers_logging
+if sys.argv[1] == "quiet":
+    stages.common.console.quiet_libraries()           # as a stage's main() does, after its imports
 unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16)
@@ -101,3 +104,10 @@ def test_a_stage_console_has_the_real_warnings_and_no_noise(mode, tmp_path):
     assert "FutureWarning: `gradient_checkpointing_enable` is deprecated" in console, console
     assert "a real DeepSpeed warning" in console, console
     assert "a real diffusers warning" in console, console
+
+
+def test_the_console_module_does_not_import_diffusers():
+    """Importing diffusers costs about 3 s; every stage imports this module, and only the text-to-video ones need it."""
+    run = subprocess.run([sys.executable, "-c", "import sys, stages.common.console; print('diffusers' in sys.modules)"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"

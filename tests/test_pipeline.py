@@ -42,8 +42,9 @@ pytestmark = pytest.mark.e2e
 ALL = {"collect", "extract", "manifest", "train_seq2seq", "train_vlm", "align_vlm", "evaluate", "train_t2v",
        "evaluate_t2v", "push"}
 DATA_STAGES = ("collect", "extract", "manifest")
+PINNED_METRICS = ("eval/metrics.json", "eval/t2v/metrics.json")   # eval/metrics.tolerance.json covers both
 # The default text-to-video model (AnimateDiff, 400 steps) learns colour, not yet motion (README: Text-to-video)
-T2V_COLOR_GAIN = 0.15   # measured 0.25 (0.417 against 0.167); chance noise on 72 clips is about 0.045
+T2V_COLOR_GAIN = 0.3    # measured 0.51 (0.583 against 0.069); chance noise on 72 clips is about 0.045
 
 
 def data_hashes(repo: Path) -> dict:
@@ -82,8 +83,10 @@ def test_default_run_reproduces_the_committed_lock_and_metrics(pipeline):
     lock = yaml.safe_load(committed("dvc.lock"))["stages"]
     for stage, outs in pipeline["first_data_hashes"].items():
         assert outs == lock[stage]["outs"], f"{stage}: outputs differ from the committed dvc.lock"
-    metrics = json.loads((pipeline["repo"] / "eval/metrics.json").read_text())
-    pinned = json.loads(committed("eval/metrics.json"))
+    metrics, pinned = {}, {}
+    for path in PINNED_METRICS:
+        metrics |= json.loads((pipeline["repo"] / path).read_text())
+        pinned |= json.loads(committed(path))
     tolerance = json.loads(committed("eval/metrics.tolerance.json"))
     assert set(tolerance) == {f"{model}.{name}" for model, scores in pinned.items() for name in scores}
     for key, allowed in tolerance.items():

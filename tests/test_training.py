@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -8,6 +11,7 @@ from transformers import Trainer
 
 from stages import train_seq2seq
 from stages.common.params import load
+from stages.training.distributed import free_port
 from stages.training.trainer import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
 from tests.helpers import REPO, SMALL, kill_after_checkpoint, write_params
 
@@ -37,6 +41,33 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint_and_cleans_up(wo
     resumed = int(training["resumed_from"].removeprefix("checkpoint-"))
     assert resumed >= saved and training["global_step"] == 40
     assert not CHECKPOINTS.exists() and not list((workspace / "models").rglob("checkpoint-*"))
+
+
+# One process of a two-process run at its end: rank 1 is still reading its ZeRO shard of the best checkpoint (the
+# Trainer's load of the best model) when rank 0 is done and removes the checkpoints.
+RANK = """
+import time
+import torch.distributed as dist
+from stages.training.trainer import CHECKPOINTS, remove_checkpoints
+dist.init_process_group("gloo")
+folder = CHECKPOINTS / "train_seq2seq" / "checkpoint-6"
+if dist.get_rank() == 1:
+    time.sleep(2)
+    assert folder.is_dir(), "rank 0 removed the checkpoints while rank 1 still read them"
+remove_checkpoints("train_seq2seq")
+dist.destroy_process_group()
+"""
+
+
+def test_checkpoints_are_removed_once_every_process_is_done(tmp_path):
+    (tmp_path / CHECKPOINTS / "train_seq2seq" / "checkpoint-6").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK], cwd=tmp_path, env={**env, "RANK": str(rank)},
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], errors
+    assert not (tmp_path / CHECKPOINTS).exists()
 
 
 def test_bf16_auto_is_off_without_a_gpu_and_explicit_values_win():

@@ -23,7 +23,8 @@ logging or progress-bar switch. None of them says anything about the run:
 
 - diffusers' progress bars "Loading pipeline components" (every pipeline `from_pretrained`) and the sampling steps
   of every pipeline call, through `diffusers.utils.logging.disable_progress_bar()`: evaluate_t2v calls a pipeline
-  once per batch and shows its own summary.
+  once per batch and shows its own summary. Only once diffusers is imported: importing it costs 3 s, and only the
+  text-to-video stages use it (their main() calls `quiet_libraries()` after their imports).
 - diffusers, logger `diffusers.models.modeling_utils`: "There are modules in UNetMotionModel that should be kept in
   float32: []. Casting directly with `to()` can lead to inconsistent results ...", written when AnimateDiff's
   `UNetMotionModel.from_unet2d` casts the new model to the UNet's dtype (train_t2v's tiny build). The list is empty:
@@ -39,6 +40,7 @@ imported, and the stages import it ahead of transformers; their main() calls `qu
 nothing then (it is idempotent) but shows where a stage quiets the console.
 """
 import logging
+import sys
 
 BITSANDBYTES_CPU_OPS = "bitsandbytes.backends.cpu.ops"
 DEEPSPEED_CPU_FALLBACK = "Setting accelerator to CPU."
@@ -72,8 +74,9 @@ def quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
         if hub_bars:
             huggingface_hub.utils.enable_progress_bars()
-        import diffusers.utils.logging
-        diffusers.utils.logging.disable_progress_bar()
+        if "diffusers" in sys.modules:   # importing it here would cost every stage 3 s (train_t2v's main() calls this)
+            import diffusers.utils.logging
+            diffusers.utils.logging.disable_progress_bar()
 
 
 # At import, for the lines written while a library is imported (see the docstring's last paragraph).

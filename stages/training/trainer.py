@@ -15,7 +15,7 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from stages.common.files import write_json
 from stages.training import schedule
-from stages.training.distributed import deepspeed_config, is_main_process
+from stages.training.distributed import barrier, deepspeed_config, is_main_process
 
 CHECKPOINTS = Path("checkpoints")
 CODE = Path(__file__).parents[1]   # the stages package: a code change makes old checkpoints unusable
@@ -49,7 +49,11 @@ def last_checkpoint(folder: Path) -> str | None:
 
 
 def remove_checkpoints(stage: str) -> None:
-    """A finished run leaves no checkpoints behind."""
+    """A finished run leaves no checkpoints behind. Every process calls it, and the main one removes them once all
+    are here: under ZeRO another process may still be reading its shard of the best checkpoint."""
+    barrier()
+    if not is_main_process():
+        return
     shutil.rmtree(CHECKPOINTS / stage, ignore_errors=True)
     if CHECKPOINTS.is_dir() and not any(CHECKPOINTS.iterdir()):
         CHECKPOINTS.rmdir()
