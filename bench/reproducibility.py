@@ -14,8 +14,8 @@ instruction sets, rounded up, and at least one test sample's worth of accuracy. 
 folded in: a seed can land a model in another basin (at seed 2 the seq2seq model misses most shapes), and a tolerance
 that admitted that would pass a broken model. `--summarize` recomputes the table from the JSON without training.
 
-`--pin t2v` does the same for the text-to-video model (train_t2v, evaluate_t2v; eval/t2v/metrics.json, its
-tolerance in eval/t2v/metrics.tolerance.json), into bench/results/reproducibility_t2v.json.
+`--pin t2v` does the same for the text-to-video model (train_t2v and evaluate_t2v, eval/t2v/metrics.json) into
+bench/results/reproducibility_t2v.json; eval/metrics.tolerance.json holds the tolerances of both pins.
 """
 import json
 import math
@@ -78,7 +78,7 @@ def suggested(deviation: float, metric: str, test_samples: int) -> float:
     if metric.endswith(("accuracy", "exact_match")):
         return max(math.ceil(MARGIN * deviation * 100) / 100, math.ceil(100 / test_samples) / 100)
     step = {"cider_d": 10.0, "frechet_distance": 0.05}.get(metric, 0.5)
-    return max(math.ceil(MARGIN * deviation / step) * step, step)
+    return max(round(math.ceil(MARGIN * deviation / step) * step, 6), step)
 
 
 def admit_a_perfect_meteor(tolerance: dict, pinned: dict) -> dict:
