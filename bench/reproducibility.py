@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from ruamel.yaml import YAML
 
@@ -33,11 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "DVC_NO_ANALYTICS": "1"}
 MARGIN = 1.5
-# pin -> (its metrics, the stages that train and evaluate its models, its results, the samples it scores)
-PINS = {"default": ("eval/metrics.json", ("train_seq2seq", "train_vlm", "evaluate"), "reproducibility.json",
-                    "data/manifest/test.jsonl"),
-        "t2v": ("eval/t2v/metrics.json", ("train_t2v", "evaluate_t2v"), "reproducibility_t2v.json",
-                "eval/t2v/clips.jsonl")}
+
+
+class Pin(NamedTuple):
+    metrics: str          # the committed metrics it checks
+    stages: tuple         # the stages that train and evaluate its models
+    results: str          # its file under bench/results
+    scored: str           # a line per scored sample (in clips.jsonl, the trained model's lines count)
+
+
+PINS = {"default": Pin("eval/metrics.json", ("train_seq2seq", "train_vlm", "evaluate"), "reproducibility.json",
+                       "data/manifest/test.jsonl"),
+        "t2v": Pin("eval/t2v/metrics.json", ("train_t2v", "evaluate_t2v"), "reproducibility_t2v.json",
+                   "eval/t2v/clips.jsonl")}
 
 
 def run(command: list[str], cwd: Path, env: dict) -> None:
@@ -59,18 +68,17 @@ def variants() -> dict[str, dict]:
     return found
 
 
-def train_and_evaluate(clone: Path, variant: dict, pin: str) -> dict:
+def train_and_evaluate(clone: Path, variant: dict, pin: Pin) -> dict:
     yaml = YAML()
     params = yaml.load((clone / "params.yaml").read_text())
     params["base"]["seed"] = variant.get("seed", 0)
     with open(clone / "params.yaml", "w") as f:
         yaml.dump(params, f)
     env = {**ENV, **variant.get("env", {})}
-    metrics, stages = PINS[pin][:2]
-    for stage in stages:
+    for stage in pin.stages:
         run([sys.executable, "-m", f"stages.{stage}"], clone, env)
     run(["git", "checkout", "--", "params.yaml"], clone, ENV)
-    return json.loads((clone / metrics).read_text())
+    return json.loads((clone / pin.metrics).read_text())
 
 
 def suggested(deviation: float, metric: str, test_samples: int) -> float:
@@ -93,7 +101,7 @@ def admit_a_perfect_meteor(tolerance: dict, pinned: dict) -> dict:
     return tolerance
 
 
-def measure(pinned: dict, pin: str) -> dict:
+def measure(pinned: dict, pin: Pin) -> dict:
     measured, seconds = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         clone = Path(scratch) / "repo"
@@ -105,7 +113,7 @@ def measure(pinned: dict, pin: str) -> dict:
             seconds[name] = round(time.perf_counter() - start, 1)
             print(f"{name}: {seconds[name]} s", flush=True)
         # one test sample's worth of accuracy: a test row, or a clip the trained text-to-video model generated
-        rows = [json.loads(line) for line in open(clone / PINS[pin][3])]
+        rows = [json.loads(line) for line in open(clone / pin.scored)]
         test_samples = sum(1 for row in rows if row.get("model") in (None, "t2v"))
     return {"native_capability": native_capability(), "machine": platform.machine(), "cores": os.cpu_count(),
             "pinned": pinned, "measured": measured, "seconds": seconds, "test_samples": test_samples}
@@ -140,12 +148,12 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
-    pin = sys.argv[sys.argv.index("--pin") + 1] if "--pin" in sys.argv else "default"
-    out = REPO / "bench/results" / PINS[pin][2]
+    pin = PINS[sys.argv[sys.argv.index("--pin") + 1] if "--pin" in sys.argv else "default"]
+    out = REPO / "bench/results" / pin.results
     if "--summarize" in sys.argv[1:]:
         result = json.loads(out.read_text())
     else:
-        result = measure(json.loads((REPO / PINS[pin][0]).read_text()), pin)
+        result = measure(json.loads((REPO / pin.metrics).read_text()), pin)
     result = summarize(result)
     print_table(result)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
