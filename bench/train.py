@@ -35,6 +35,7 @@ os.chdir(REPO)
 from stages.common.console import quiet_libraries  # noqa: E402 (after the path set-up above)
 from stages.common.files import read_jsonl  # noqa: E402
 from stages.common.params import load, seed_everything  # noqa: E402
+from stages.data.frames import load_frames  # noqa: E402
 from stages.models import vlm  # noqa: E402
 from stages.training import finetune  # noqa: E402
 from stages.training.trainer import StepTimer, training_arguments  # noqa: E402
@@ -121,7 +122,7 @@ def main() -> None:
     runs = {"ours": [], "plain": []}
     with tempfile.TemporaryDirectory() as scratch:
         texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]]
-        base = str(fam.build_tiny(p["tiny"], texts, vlm.load_frames(rows[0])[0].shape[1], Path(scratch) / "base"))
+        base = str(fam.build_tiny(p["tiny"], texts, load_frames(rows[0])[0].shape[1], Path(scratch) / "base"))
         for _ in range(args.repeats):
             runs["plain"].append(plain(p, base))
             runs["ours"].append(ours(p, base))

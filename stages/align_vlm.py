@@ -22,6 +22,7 @@ from trl import DPOConfig, GRPOConfig
 
 from stages.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from stages.common.params import load, seed_everything
+from stages.data.frames import FRAMES
 from stages.models import vlm
 from stages.training import align, distributed, finetune, rewards, schedule
 from stages.training.trainer import (
@@ -93,7 +94,7 @@ def main() -> None:
     with distributed.output_dir(OUT) as out:
         # Build (the arguments join the process group when an engine launched this stage)
         checkpoints = checkpoint_folder("align_vlm", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl",
-                                                               vlm.FRAMES, SFT])
+                                                               FRAMES, SFT])
         config_class, method = method_arguments(p, AutoConfig.from_pretrained(start))
         # trl's configs default gradient_checkpointing (transformers' deprecated name) to True: None defers to ours
         args = training_arguments(p, seed, str(checkpoints), args_class=config_class, remove_unused_columns=False,

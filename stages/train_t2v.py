@@ -23,7 +23,8 @@ from peft import LoraConfig
 
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.params import load, seed_everything
-from stages.models import t2v, vlm
+from stages.data.frames import FRAMES
+from stages.models import t2v
 from stages.models.tiny import train_tokenizer
 from stages.training import diffusion, distributed, schedule
 from stages.training.trainer import (
@@ -43,11 +44,11 @@ OUT = Path("models/t2v")
 
 def build_tiny(fam, p: dict, rows: list[dict], clips: np.ndarray, seed: int, out: Path) -> Path:
     """The tiny pipeline with its VAE trained on the training clips, saved to `out`: the untrained twin."""
-    tokenizer = train_tokenizer([row["target"] for row in rows], p["tiny"]["vocab_size"])
-    tokenizer.model_max_length = p["tiny"]["max_text_tokens"]
-    pipe = fam.PIPELINE(**fam.build_tiny(p["tiny"], tokenizer, clips.shape[2], clips.shape[1]))
-    check_shape(fam, pipe, clips)   # before the VAE trains on clips it would misread
     tiny = p["tiny"]
+    tokenizer = train_tokenizer([row["target"] for row in rows], tiny["vocab_size"])
+    tokenizer.model_max_length = tiny["max_text_tokens"]
+    pipe = fam.PIPELINE(**fam.build_tiny(tiny, tokenizer, clips.shape[2], clips.shape[1]))
+    check_shape(fam, pipe, clips)   # before the VAE trains on clips it would misread
     losses = diffusion.train_vae(pipe, fam, clips, tiny["vae_steps"], tiny["vae_batch_size"],
                                  tiny["vae_learning_rate"], seed)
     pipe.save_pretrained(out)
@@ -110,7 +111,7 @@ def main() -> None:
             base = str(build_tiny(fam, p, train_rows, train_clips, seed, out / "base")
                        if distributed.is_main_process() else out / "base")
         checkpoints = checkpoint_folder("train_t2v", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl",
-                                                               vlm.FRAMES])
+                                                               FRAMES])
         args = training_arguments(p, seed, str(checkpoints), remove_unused_columns=False)
         distributed.barrier()
         pipe = t2v.load_pipeline(fam, base)

@@ -5,11 +5,11 @@ tiny model with a real processor and a tokenizer trained on our text, saves it, 
 value is a local path or hub id and takes the same `from_pretrained` path. `train_vlm.finetune` trains every weight or
 LoRA adapters (stages/training/finetune.py). The loss is on the assistant answers only (stages.models.vlm.encode).
 `train_vlm.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and `train_vlm.deepspeed`
-through DeepSpeed ZeRO (stages/training/distributed.py); DataLoader workers encode the samples. The schedule (epochs
+through DeepSpeed ZeRO (stages/training/distributed.py); DataLoader workers encode the samples, and with
+`train_vlm.packing` pack each batch into rows (stages.models.vlm.collate). The schedule (epochs
 or steps, evaluations, the kept weights, early stopping) is stages/training/schedule.py's. Output:
 models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), rejects.jsonl (samples over max_length),
 training.json, deepspeed.json (with DeepSpeed)}; curves in dvclive/train_vlm/."""
-import functools
 from pathlib import Path
 
 from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
@@ -17,6 +17,7 @@ from transformers import AutoProcessor
 
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.params import load, seed_everything
+from stages.data.frames import FRAMES, load_frames
 from stages.models import vlm
 from stages.training import distributed, finetune, schedule
 from stages.training.trainer import (
@@ -42,6 +43,8 @@ def main() -> None:
     distributed.launch("stages.train_vlm", p)   # under torchrun / accelerate / deepspeed, when configured
     seed_everything(seed)
     fam = vlm.family(p["family"])
+    if p["packing"]:
+        vlm.check_packing(fam)
     train_rows, val_rows = read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl")
     schedule.check("train_vlm", p, val_rows)
 
@@ -52,12 +55,12 @@ def main() -> None:
         if base == "tiny":
             if distributed.is_main_process():
                 texts = [m["content"].replace(vlm.VIDEO, "") for row in train_rows for m in row["messages"]]
-                frame_size = vlm.load_frames(train_rows[0])[0].shape[1]
+                frame_size = load_frames(train_rows[0])[0].shape[1]
                 fam.build_tiny(p["tiny"], texts, frame_size, out / "base")
             base = str(out / "base")
         # checkpoints of this very run, if a crash or a kill left some; the arguments join the process group
         checkpoints = checkpoint_folder("train_vlm", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl",
-                                                               vlm.FRAMES])
+                                                               FRAMES])
         args = training_arguments(p, seed, str(checkpoints), remove_unused_columns=False,
                                   activation_checkpointing=p["gradient_checkpointing"],
                                   activation_checkpointing_kwargs={"use_reentrant": False})
@@ -84,7 +87,7 @@ def main() -> None:
         timer = StepTimer()
         trainer = schedule.ScoredTrainer(
             model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
-            data_collator=functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id),
+            data_collator=vlm.collator(processor, model, p["packing"], p["max_length"]),
             callbacks=[timer, LiveCallback("dvclive/train_vlm"), *schedule.callbacks(p)],
             metric=p["best_metric"], rows=scored, answer=vlm.answerer(processor, fam, p["batch_size"], scored))
         ProgressBar.replace_printer(trainer, "train_vlm")

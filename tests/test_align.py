@@ -8,6 +8,7 @@ from transformers import AutoProcessor
 from trl import DPOConfig, GRPOConfig
 
 from stages.common.files import read_jsonl
+from stages.data.frames import load_frames
 from stages.models import vlm
 from stages.training import align
 from tests.helpers import TINY_VLM
@@ -79,7 +80,7 @@ def test_a_pair_of_a_multi_video_multi_turn_row_differs_only_in_its_final_answer
     end = tokenizer.eos_token
     assert (chosen, rejected) == (row["target"] + end, row["rejected"] + end)   # not the earlier answer "a square"
     media = {key: value for key, value in batch.items() if key not in (*vlm.SEQUENCE_KEYS, "completion_mask")}
-    one_side = vlm.encode(row, vlm.load_frames(row, tiny["frames"]), tiny["processor"], tiny["fam"], 1024)
+    one_side = vlm.encode(row, load_frames(row, tiny["frames"]), tiny["processor"], tiny["fam"], 1024)
     for key, value in media.items():   # both sides carry both videos
         assert value.shape[0] == 2 * one_side[key].shape[0], key
     loss = trainer.compute_loss(model, batch)

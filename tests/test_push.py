@@ -9,6 +9,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer, Ll
 
 from stages import push
 from stages.common.files import read_jsonl
+from stages.data.frames import load_frames
 from stages.models import vlm
 from tests.fake_hub import FakeHub
 from tests.helpers import TINY_VLM, inside, run_card_snippet, write_params
@@ -89,7 +90,7 @@ def test_exported_models_load_and_generate_as_from_the_hub(exported, trained):
     processor = AutoProcessor.from_pretrained(exported / "vlm")
     model = LlavaForConditionalGeneration.from_pretrained(exported / "vlm")
     row = read_jsonl(trained / "data/manifest/test.jsonl")[0]
-    frames = list(vlm.load_frames(row, trained / "data/frames")[0])
+    frames = list(load_frames(row, trained / "data/frames")[0])
     content = [{"type": "image"}] * len(frames) + [{"type": "text", "text": "Describe."}]
     messages = [{"role": "user", "content": content}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

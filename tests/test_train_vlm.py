@@ -6,6 +6,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, SmolVLMFo
 
 from stages import train_vlm
 from stages.common.files import read_jsonl
+from stages.common.params import load
 from stages.models import vlm
 from tests.helpers import SMALL, read_curve, write_params
 
@@ -86,3 +87,29 @@ def test_lora_keeps_the_adapter_of_the_best_evaluation_by_a_generation_metric(wo
     best = max(score for _, score in scores)
     assert (selection["step"], selection["score"]) == (next(step for step, s in scores if s == best), best)
     assert (workspace / "models/vlm/adapter/adapter_model.safetensors").exists()
+
+
+def test_packing_trains_qwen2_vl_along_the_loss_curve_of_padded_batches(workspace):
+    curves = {}
+    for packing in (False, True):
+        write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "family": "qwen2_vl",
+                                                       "packing": packing}})
+        train_vlm.main()
+        curves[packing] = read_curve(workspace / "dvclive/train_vlm/plots/metrics/train/loss.tsv")
+    # the batches did pack: the 4 samples of a batch fit in fewer rows of max_length tokens
+    processor = AutoProcessor.from_pretrained("models/vlm/base")
+    rows = read_jsonl(workspace / "data/manifest/train.jsonl")[:4]
+    lengths = [len(vlm.ManifestDataset(rows, processor, vlm.family("qwen2_vl"), 10_000)[i]["input_ids"])
+               for i in range(4)]
+    assert len(vlm.pack_rows(lengths, load("train_vlm")["train_vlm"]["max_length"])) < 4
+    assert len(curves[True]) == len(curves[False]) == 8
+    for (_, padded), (_, packed) in zip(curves[False], curves[True]):
+        assert abs(padded - packed) < 1e-4, (curves[False], curves[True])
+
+
+def test_packing_stops_at_once_where_the_family_cannot_pack(workspace):
+    write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "family": "instructblip_video",
+                                                   "packing": True}})
+    with pytest.raises(ValueError, match="instructblip_video cannot pack samples"):
+        train_vlm.main()
+    assert not (workspace / "models/vlm.partial").exists() and not (workspace / "models/vlm").exists()

@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 from trl import DPOTrainer, GRPOTrainer
 
+from stages.data.frames import FRAMES, load_frames
 from stages.models import vlm
 from stages.training.schedule import ScoredEvaluation
 
@@ -69,13 +70,13 @@ class PairCollator:
     """DPO batches from preference rows: the chosen conversations first, then the rejected ones (trl's layout), each
     encoded as SFT encodes it; `completion_mask` marks the final answer, the only tokens that differ."""
 
-    def __init__(self, rows: list[dict], processor, fam, max_length: int, frames_dir=vlm.FRAMES):
+    def __init__(self, rows: list[dict], processor, fam, max_length: int, frames_dir=FRAMES):
         self.rows, self.processor, self.fam = rows, processor, fam
         self.max_length, self.frames_dir = max_length, frames_dir
 
     def __call__(self, examples: list[dict]) -> dict:
         rows = [self.rows[example["index"]] for example in examples]
-        videos = [vlm.load_frames(row, self.frames_dir) for row in rows]
+        videos = [load_frames(row, self.frames_dir) for row in rows]
         sides = zip(*(pair(row) for row in rows))   # (chosen rows), (rejected rows)
         encoded = [vlm.encode(side_row, frames, self.processor, self.fam, self.max_length)
                    for side in sides for side_row, frames in zip(side, videos)]
@@ -96,7 +97,7 @@ class VideoDPOTrainer(ScoredEvaluation, DPOTrainer):
 class VideoGRPOTrainer(ScoredEvaluation, GRPOTrainer):
     """trl's GRPOTrainer on video prompts (see the module docstring for the seam)."""
 
-    def __init__(self, *args, prompt_rows: list[dict], fam, frames_dir=vlm.FRAMES, **kwargs):
+    def __init__(self, *args, prompt_rows: list[dict], fam, frames_dir=FRAMES, **kwargs):
         self.prompt_rows, self.fam, self.frames_dir = prompt_rows, fam, frames_dir
         self.media = []   # per sample of the batch being scored or trained on: its media tensors and prompt length
         super().__init__(*args, **kwargs)

@@ -14,8 +14,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from stages.data.frames import load_frames
 from stages.data.video import uniform_indices
-from stages.models import vlm
 
 
 @runtime_checkable
@@ -87,7 +87,7 @@ def load_clips(rows: list[dict], num_frames: int) -> tuple[list[dict], np.ndarra
             rejects.append({"id": row["id"], "reason": f"has {len(row['videos'])} videos; a text-to-video sample is "
                                                        f"one clip and its caption"})
             continue
-        frames = vlm.load_frames(row)[0]
+        frames = load_frames(row)[0]
         if len(frames) < num_frames:
             rejects.append({"id": row["id"], "reason": f"its video has {len(frames)} extracted frames, fewer than "
                                                        f"train_t2v.num_frames={num_frames}"})

@@ -5,19 +5,19 @@ which provides what `Family` names; `FAMILIES` (at the bottom) registers them, a
 schema's enum, which a test keeps equal to the registry).
 """
 import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
 
 from stages.data.formats import VIDEO  # the placeholder of one video in a user turn
+from stages.data.frames import FRAMES, load_frames
 from stages.results.answers import greedy_answers
 
 IGNORE = -100          # label of every position the loss must not see
-FRAMES = Path("data/frames")
 
 
 @runtime_checkable
@@ -85,11 +85,6 @@ def checkpoint_model_type(path: str) -> str | None:
         return AutoConfig.from_pretrained(path).model_type
     except (OSError, ValueError):   # unreadable here: from_pretrained then fails with transformers' own reason
         return None
-
-
-def load_frames(row: dict, frames_dir: Path = FRAMES) -> list[np.ndarray]:
-    """The decoded frames of each of the row's videos, uint8 [n, h, w, 3] each, from the extract shards."""
-    return [load_file(str(frames_dir / video["frames"]))["frames"] for video in row["videos"]]
 
 
 def frame_times(row: dict, videos: list[np.ndarray]) -> list[list[float]]:
@@ -230,21 +225,101 @@ def over_budget(rows: list[dict], processor, fam, max_length: int, frames_dir: P
     return rejects
 
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "position_ids")
 
 
-def collate(examples: list[dict], pad_token_id: int) -> dict:
-    """Right-pad the per-token tensors (labels with -100, ids with pad); concatenate media tensors along dim 0."""
+def collate(examples: list[dict], pad_token_id: int, pack_length: int = 0) -> dict:
+    """Right-pad the per-token tensors (labels with -100, ids with pad); concatenate media tensors along dim 0.
+
+    With `pack_length` (train_vlm.packing), the samples are first packed into as few rows of at most that many tokens
+    as fit them (`pack_rows`). A row carries `position_ids` that restart at each sample and no attention mask:
+    transformers then reads the sample boundaries from the positions and keeps attention within each sample (its
+    packed-sequence mask; flash-attention's varlen kernels on a GPU). Padding after a row's samples gets position 0
+    at every token, so each pad token is a sequence of its own, seen by no sample. The media follow the samples in
+    their packed order, so each video still meets its own placeholder tokens. The loss is the same mean over the same
+    labelled tokens, so packing changes the work per step, not what a step computes."""
+    if pack_length:
+        rows = pack_rows([len(example["input_ids"]) for example in examples], pack_length)
+        examples = [examples[i] for row in rows for i in row]
+        ends = np.cumsum([len(row) for row in rows]).tolist()
+        spans = list(zip([0] + ends[:-1], ends))
+        examples = [{**example, "position_ids": torch.arange(len(example["input_ids"]))} for example in examples]
     batch = {}
     for key in examples[0]:
         values = [example[key] for example in examples]
         if key in SEQUENCE_KEYS or key == "labels":
+            if pack_length and key == "attention_mask":
+                continue   # the positions say where each sample starts; a mask of ones would hide that
+            if pack_length:
+                values = [torch.cat(values[start:end]) for start, end in spans]
             fill = IGNORE if key == "labels" else pad_token_id if key == "input_ids" else 0
             batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
         else:
             as_they_are = key == "pixel_values_videos" or key == "pixel_values" and "qformer_input_ids" in examples[0]
             batch[key] = torch.cat(same_frame_count(values) if as_they_are else pad_to_common_shape(values))
+    if pack_length:
+        # no cache: transformers reads packed positions only when no cache is passed, and a training forward would
+        # otherwise build an (unused) one
+        batch["use_cache"] = False
     return batch
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices per row: first-fit decreasing (longest first, each into the first row with room; ties by
+    index, so the same batch always packs the same way). A sample longer than `capacity` gets a row of its own."""
+    rows, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if fits is None:
+            rows.append([])
+            room.append(max(capacity, lengths[index]))
+            fits = len(rows) - 1
+        rows[fits].append(index)
+        room[fits] -= lengths[index]
+    return rows
+
+
+def collator(processor, model, packing: bool, max_length: int):
+    """train_vlm's data collator: padded batches, or with `packing` rows of up to `max_length` tokens, which the
+    model is then made to take (`take_packed_rows`)."""
+    if packing:
+        take_packed_rows(model)
+    return functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id,
+                             pack_length=max_length if packing else 0)
+
+
+def check_packing(fam) -> None:
+    """Stop before any work where train_vlm.packing is on and the family cannot take packed rows (its module says
+    why, as CANNOT_PACK)."""
+    reason = getattr(fam, "CANNOT_PACK", None)
+    if reason:
+        raise ValueError(f"train_vlm.packing: {fam.__name__.rsplit('.', 1)[-1]} cannot pack samples: {reason}; set "
+                         f"train_vlm.packing: false")
+
+
+def take_packed_rows(model):
+    """Let the model take `collate`'s packed rows. Qwen's models (mrope) position each token in time, height and
+    width, which only the model computes, from its vision grids; its forward does so only when no positions are
+    given. This forward pre-hook computes them over each whole packed row, where every sample's ids are its own ids
+    shifted by one offset, which rotary attention within the sample does not see. It puts the restarting text
+    positions first, where Qwen's text model reads the packing from. Other families take the positions as they are.
+    Returns the hook's handle (None where no hook is needed)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rope = getattr(getattr(inner, "model", None), "compute_3d_position_ids", None)
+    if rope is None:
+        return None
+    taken = set(inspect.signature(rope).parameters) - {"inputs_embeds", "attention_mask", "past_key_values"}
+
+    def mrope_positions(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        packed = positions is not None and positions.dim() == 2 and kwargs.get("attention_mask") is None
+        if not packed or kwargs.get("past_key_values") is not None:   # generate's calls pass a mask and a cache
+            return None
+        ids = rope(inputs_embeds=None, attention_mask=None, past_key_values=None,
+                   **{name: kwargs.get(name) for name in taken})
+        return args, {**kwargs, "position_ids": torch.cat([positions[None], ids])}
+
+    return inner.register_forward_pre_hook(mrope_positions, with_kwargs=True)
 
 
 def same_frame_count(videos: list[torch.Tensor]) -> list[torch.Tensor]:
