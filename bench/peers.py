@@ -15,7 +15,24 @@ Each decoder runs in its own process, one video at a time, ROUNDS rounds after a
 counts. Only the ratios mean something across machines: `decode.<kind>.ratio_vs_fastest_peer` is the fastest peer's
 time divided by ours (goal: >= 1.5 on every kind).
 
-    python bench/peers.py [--quick]       prints a table, writes bench/results/peers.json
+Training (`--part train`): our train_vlm against TRL's SFTTrainer (what the Qwen2.5-VL multi-video trainer we replace
+uses), each in its own venv, on the same tiny Qwen2-VL saved by path, the same samples in the same order (sequential
+sampling), the same optimizer settings (our training_arguments, copied into SFTConfig) and one logged loss a step:
+- the samples are a mixed set, 1-8 videos of 2-16 frames each at 32 px, as in bench/packing.py;
+- TRL takes them through the collator of its vision-language recipe (the processor on each batch's chats and
+  videos, labels on the assistant answer only, the end-of-turn token included), as video trainers built on it do;
+- ours is train_vlm's own parts: the ManifestDataset and DataLoader workers of params.yaml, vlm.collate, padded and
+  packed (`train_vlm.packing`).
+TRL runs twice: with its default of no DataLoader workers, and with as many as ours (params.yaml's data_workers,
+prefetch_batches). Step time is the median time between optimizer steps after a warm-up; peak memory is the larger
+of the process's and its data workers' maximum RSS. `train.step_ratio_vs_fastest_peer` is our padded step time
+divided by the fastest peer's (goal <= 1.0), `train.packed_speedup` the fastest peer's step time divided by ours
+packed (goal >= 1.5), and `train.losses_agree` whether our per-step losses match the peer's within 5 % at every
+step (`loss_max_rel_diff` beside it): TRL computes its loss from the log-probabilities of its own fused head
+(`SFTTrainer.compute_loss`), not from the model's cross-entropy, so the curves agree closely but not bit for bit.
+LLaMA-Factory's trainer is not run yet: it takes a dataset_info.json, its own chat template and frames as image files.
+
+    python bench/peers.py [--quick] [--part decode|train|all]   prints tables, writes bench/results/peers.json
 """
 import argparse
 import json
@@ -30,10 +47,19 @@ from pathlib import Path
 
 import av
 import imageio_ffmpeg
+import numpy as np
+import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from safetensors.numpy import save_file  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
+
+from stages.common.params import load  # noqa: E402
+from stages.data.frames import load_frames  # noqa: E402
 from stages.data.video import open_video, pick_frames, probe, sample  # noqa: E402
+from stages.models import vlm  # noqa: E402
+from stages.training.trainer import training_arguments  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 PEERS_DIR = REPO / "bench/.peers"
@@ -43,6 +69,8 @@ PEERS = {   # peer -> what its venv installs
     "torchcodec": [*TORCH, "torchcodec"],
     "qwen-vl-utils": [*TORCH, "qwen-vl-utils", "decord"],
     "llamafactory": [*TORCH, "llamafactory"],
+    # the same transformers as ours, so that both sides run the same model code and only the trainers differ
+    "trl": [*TORCH, f"transformers=={transformers.__version__}", "trl"],
 }
 
 
@@ -176,17 +204,231 @@ def ours(videos: list) -> dict:
     return {"seconds": seconds, "shape": list(out.frames.shape)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter videos, fewer clips")
-    args = parser.parse_args()
-    installed = {peer: setup(peer) for peer in PEERS}
+# ---------------------------------------------------------------- training
+
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_WARMUP = 24, 8, 4
+# Shared by both sides: times each optimizer step and keeps each logged loss.
+CLOCK = """
+import json, resource, sys, time
+from transformers import TrainerCallback
+class Clock(TrainerCallback):
+    def __init__(self):
+        self.marks, self.losses = [], []
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append(time.perf_counter())
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+    def report(self):
+        rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        print(json.dumps({"step_seconds": steps, "losses": self.losses, "peak_rss_mb": rss / 1024}))
+clock = Clock()
+job = json.load(sys.stdin)
+"""
+TRAIN_RUNNERS = {
+    "ours": """
+        import dataclasses, tempfile
+        from pathlib import Path
+        from transformers import AutoProcessor, Trainer
+        from stages.common.console import quiet_libraries
+        from stages.common.params import load, seed_everything
+        from stages.models import vlm
+        from stages.training import finetune
+        from stages.training.trainer import training_arguments
+        quiet_libraries()
+        p = {**load("train_vlm")["train_vlm"], **job["params"]}
+        seed_everything(0)
+        fam = vlm.family("qwen2_vl")
+        processor = AutoProcessor.from_pretrained(job["base"])
+        model = finetune.prepare(finetune.load(fam, job["base"], p), fam, p)
+        rows = json.loads(Path(job["rows"]).read_text())
+        dataset = vlm.ManifestDataset(rows, processor, fam, p["max_length"], frames_dir=Path(job["frames"]))
+        with tempfile.TemporaryDirectory() as scratch:
+            args = dataclasses.replace(training_arguments(p, 0, scratch, remove_unused_columns=False), **job["args"])
+            Trainer(model=model, args=args, train_dataset=dataset, callbacks=[clock],
+                    data_collator=vlm.collator(processor, model, p["packing"], p["max_length"])).train()
+        clock.report()
+    """,
+    "trl": """
+        import tempfile
+        from pathlib import Path
+        import torch
+        from datasets import Dataset
+        from safetensors.numpy import load_file
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from trl import SFTConfig, SFTTrainer
+        torch.manual_seed(0)
+        processor = AutoProcessor.from_pretrained(job["base"])
+        model = Qwen2VLForConditionalGeneration.from_pretrained(job["base"])
+        rows = json.loads(Path(job["rows"]).read_text())
+        def chat(row, answers=True):
+            messages = []
+            for message in row["messages"]:
+                if message["role"] == "assistant" and not answers:
+                    break
+                parts = []
+                for index, text in enumerate(message["content"].split("<video>")):
+                    if index:
+                        parts.append({"type": "video"})
+                    if text:
+                        parts.append({"type": "text", "text": text})
+                messages.append({"role": message["role"], "content": parts})
+            return messages
+        def collate(examples):
+            # the vision-language recipe: render the chats, run the processor on the batch with its videos, and
+            # label the assistant answer only (the tokens after the prompt, but the template's last newline)
+            rows_ = [rows[example["index"]] for example in examples]
+            frames = [[load_file(str(Path(job["frames"]) / v["frames"]))["frames"] for v in row["videos"]]
+                      for row in rows_]
+            texts = [processor.apply_chat_template(chat(row), tokenize=False) for row in rows_]
+            batch = processor(text=texts, videos=[v for row in frames for v in row], padding=True,
+                              return_tensors="pt", do_sample_frames=False)
+            labels = torch.full_like(batch["input_ids"], -100)
+            for i, (row, videos) in enumerate(zip(rows_, frames)):
+                prompt = processor.apply_chat_template(chat(row, answers=False), tokenize=False,
+                                                       add_generation_prompt=True)
+                start = processor(text=[prompt], videos=videos, return_tensors="pt",
+                                  do_sample_frames=False)["input_ids"].shape[1]
+                end = int(batch["attention_mask"][i].sum()) - 1
+                labels[i, start:end] = batch["input_ids"][i, start:end]
+            batch["labels"] = labels
+            return batch
+        with tempfile.TemporaryDirectory() as scratch:
+            config = SFTConfig(output_dir=scratch, **job["args"], remove_unused_columns=False,
+                               dataset_kwargs={"skip_prepare_dataset": True})
+            SFTTrainer(model=model, args=config, processing_class=processor, data_collator=collate, callbacks=[clock],
+                       train_dataset=Dataset.from_list([{"index": i} for i in range(len(rows))])).train()
+        clock.report()
+    """,
+}
+
+
+def mixed_set(folder: Path, count: int) -> Path:
+    """`count` manifest rows of 1-8 videos x 2-16 frames (even counts; 32 px), their frames as extract shards in
+    `folder`/frames; returns the rows file."""
+    rng = np.random.default_rng(0)
+    (folder / "frames").mkdir(parents=True, exist_ok=True)
+    rows = []
+    answers = ["a red circle moves left", "the second one", "a blue square moves up then stops", "none of them"]
+    for index in range(count):
+        videos = []
+        for v in range(rng.integers(1, 9)):
+            name = f"{index}-{v}.safetensors"
+            frames = rng.integers(0, 255, (2 * rng.integers(1, 9), 32, 32, 3), dtype=np.uint8)
+            save_file({"frames": frames}, str(folder / "frames" / name))
+            videos.append({"num_frames": len(frames), "frames": name})
+        question = " ".join(["<video>"] * len(videos)) + "\nWhich clip shows a red circle?"
+        rows.append({"id": f"mixed-{index}", "videos": videos,
+                     "messages": [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": answers[index % len(answers)]}]})
+    (folder / "rows.json").write_text(json.dumps(rows))
+    return folder / "rows.json"
+
+
+def train_job(folder: Path) -> dict:
+    """The model, samples and settings both sides train with."""
+    rows_file = mixed_set(folder, TRAIN_STEPS * TRAIN_BATCH)
+    rows = json.loads(rows_file.read_text())
+    fam = vlm.family("qwen2_vl")
+    texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]] * 20
+    base = fam.build_tiny({**train_vlm_params()["tiny"], "text_hidden": 256, "text_layers": 4}, texts, 32,
+                          folder / "base")
+    processor = AutoProcessor.from_pretrained(base)
+    longest = max(len(vlm.encode(row, load_frames(row, folder / "frames"), processor, fam, 100_000)["input_ids"])
+                  for row in rows)
+    params = {"family": "qwen2_vl", "max_steps": TRAIN_STEPS, "batch_size": TRAIN_BATCH, "save_steps": 0,
+              "eval_every": TRAIN_STEPS, "max_length": longest, "packing": False}
+    ours = training_arguments({**train_vlm_params(), **params}, 0, str(folder / "scratch"))
+    # what both trainers share: train_vlm's optimizer and schedule, one loss logged a step, samples in order, no
+    # activation checkpointing (SFTConfig's default turns it on; train_vlm's leaves it off)
+    shared = {key: getattr(ours, key) for key in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",
+                                                   "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "max_steps",
+                                                   "per_device_train_batch_size", "use_cpu")}
+    shared |= {"lr_scheduler_type": str(ours.lr_scheduler_type.value), "logging_steps": 1, "eval_strategy": "no",
+               "save_strategy": "no", "report_to": "none", "train_sampling_strategy": "sequential",
+               "disable_tqdm": True, "gradient_checkpointing": False, "load_best_model_at_end": False}
+    return {"base": str(base), "rows": str(rows_file), "frames": str(folder / "frames"), "params": params,
+            "args": shared, "longest": longest, "params_workers": ours.dataloader_num_workers,
+            "params_prefetch": ours.dataloader_prefetch_factor}
+
+
+def train_vlm_params() -> dict:
+    return load("train_vlm")["train_vlm"]
+
+
+def run_training(name: str, python: str, job: dict) -> dict:
+    code = CLOCK + textwrap.dedent(TRAIN_RUNNERS[name])
+    out = subprocess.run([python, "-c", code], input=json.dumps(job), capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)} if name == "ours" else dict(os.environ))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"error": f"exit {out.returncode}: {out.stderr.strip()[-800:]}"}
+    result = json.loads(lines[-1])
+    result["median_step_s"] = statistics.median(result["step_seconds"][TRAIN_WARMUP:])
+    return result
+
+
+def training(installed: dict, repeats: int) -> dict:
+    """Our padded and packed runs and each peer's, `repeats` times alternating; the median run of each."""
+    with tempfile.TemporaryDirectory() as scratch:
+        job = train_job(Path(scratch))
+        setups = {"ours (padded)": ("ours", sys.executable, job),
+                  "ours (packed)": ("ours", sys.executable, {**job, "params": {**job["params"], "packing": True}})}
+        workers = {"dataloader_num_workers": job["params_workers"], "dataloader_prefetch_factor":
+                   job["params_prefetch"], "dataloader_persistent_workers": True}
+        for name, extra in (("trl", {}), (f"trl ({job['params_workers']} workers)", workers)):
+            if "error" in installed["trl"]:
+                setups[name] = ("error", installed["trl"]["error"], None)
+            else:
+                setups[name] = ("trl", installed["trl"]["python"], {**job, "args": {**job["args"], **extra}})
+        runs = {name: [] for name in setups}
+        for _ in range(repeats):
+            for name, (runner, python, job_) in setups.items():
+                runs[name].append({"error": python} if runner == "error" else run_training(runner, python, job_))
+    results = {}
+    for name, attempts in runs.items():
+        done = [run for run in attempts if "median_step_s" in run]
+        if not done:
+            results[name] = {"error": attempts[-1]["error"]}
+            continue
+        middle = sorted(done, key=lambda run: run["median_step_s"])[len(done) // 2]
+        results[name] = {**middle, "median_step_s_per_repeat": [run["median_step_s"] for run in done]}
+    return {**compare_training(results), "goals": {"step_ratio_vs_fastest_peer": "<= 1.0", "packed_speedup": ">= 1.5"},
+            "setup": {"model": "tiny Qwen2-VL, 4-layer 256-wide text", "steps": TRAIN_STEPS, "batch": TRAIN_BATCH,
+                      "warmup_steps_not_timed": TRAIN_WARMUP, "samples": "1-8 videos x 2-16 frames, 32 px",
+                      "longest_sample_tokens": job["longest"], "repeats": repeats,
+                      "ours_data_workers": job["params_workers"]},
+            "trainers": results}
+
+
+def compare_training(results: dict) -> dict:
+    """The figures the issue names, from each trainer's median run."""
+    peers = {name: r["median_step_s"] for name, r in results.items()
+             if not name.startswith("ours") and "median_step_s" in r}
+    fastest = min(peers, key=peers.get) if peers else None
+    padded, packed = results["ours (padded)"], results["ours (packed)"]
+    summary = {"fastest_peer": fastest, "step_ratio_vs_fastest_peer": None, "packed_speedup": None,
+               "losses_agree": None}
+    if "median_step_s" in padded and "median_step_s" in packed:
+        summary["packed_vs_our_padded"] = padded["median_step_s"] / packed["median_step_s"]
+    if fastest:
+        summary["step_ratio_vs_fastest_peer"] = padded["median_step_s"] / peers[fastest]
+        summary["packed_speedup"] = peers[fastest] / packed["median_step_s"]
+        theirs = np.array(results[fastest]["losses"])
+        summary["loss_max_rel_diff"] = float((np.abs(np.array(padded["losses"]) - theirs) / theirs).max())
+        summary["losses_agree"] = summary["loss_max_rel_diff"] <= 0.05
+    return summary
+
+
+def decoding(installed: dict, quick: bool) -> dict:
+    """Each decoder on each kind of video; prints the table."""
     decoders = [("ours", None, None), ("torchcodec exact", "torchcodec", "exact"),
                 ("torchcodec approximate", "torchcodec", "approximate"), ("qwen-vl-utils", "qwen-vl-utils", None),
                 ("llamafactory", "llamafactory", None)]
     kinds = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for kind, paths in corpus(Path(scratch), args.quick).items():
+        for kind, paths in corpus(Path(scratch), quick).items():
             videos = [[str(path), indices_of(path)] for path in paths]
             results = {}
             for name, peer, mode in decoders:
@@ -212,11 +454,41 @@ def main() -> None:
         errors = {k["decoders"][name].get("error") for k in kinds.values()} - {None}
         for error in errors:
             print(f"{name}: {error}")
-    versions = {peer: (Path(i["python"]).parents[1] / ".installed").read_text() if "python" in i else i["error"]
-                for peer, i in installed.items()}   # each venv's pip freeze, or why it did not install
-    result = {"frames": FRAMES, "side": SIDE, "rounds": ROUNDS, "cpu_count": os.cpu_count(), "quick": args.quick,
-              "pyav": av.__version__, "peers_installed": versions, "decode": kinds}
+    return kinds
+
+
+def print_training(train: dict) -> None:
+    print(f"{'trainer':<16}{'step (ms)':>12}{'peak RSS (MB)':>15}{'first loss':>12}{'last loss':>12}")
+    for name, r in train["trainers"].items():
+        if "error" in r:
+            print(f"{name:<16}failed: {r['error']}")
+            continue
+        print(f"{name:<16}{1000 * r['median_step_s']:>12.1f}{r['peak_rss_mb']:>15.0f}{r['losses'][0]:>12.4f}"
+              f"{r['losses'][-1]:>12.4f}")
+    if train["fastest_peer"]:
+        print(f"ours / {train['fastest_peer']} step time: {train['step_ratio_vs_fastest_peer']:.2f} (goal <= 1.0); "
+              f"packed speed-up over it: {train['packed_speedup']:.2f}x (goal >= 1.5); losses agree: "
+              f"{train['losses_agree']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter videos, fewer clips, one training repeat")
+    parser.add_argument("--part", choices=["decode", "train", "all"], default="all")
+    args = parser.parse_args()
+    installed = {peer: setup(peer) for peer in PEERS}
     out = REPO / "bench/results/peers.json"
+    result = json.loads(out.read_text()) if out.exists() else {}   # a part run keeps the other part's results
+    if args.part in ("decode", "all"):
+        result |= {"frames": FRAMES, "side": SIDE, "rounds": ROUNDS, "quick": args.quick, "pyav": av.__version__,
+                   "decode": decoding(installed, args.quick)}
+    if args.part in ("train", "all"):
+        result["train"] = training(installed, repeats=1 if args.quick else 3)
+        print_training(result["train"])
+    result["cpu_count"] = os.cpu_count()
+    result["peers_installed"] = {   # each venv's pip freeze, or why it did not install
+        peer: (Path(i["python"]).parents[1] / ".installed").read_text() if "python" in i else i["error"]
+        for peer, i in installed.items()}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out.relative_to(REPO)}")
 
