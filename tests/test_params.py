@@ -102,10 +102,14 @@ def test_each_stage_depends_on_every_module_it_imports():
     import yaml
 
     stages, missing = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"], {}
+    # one fresh interpreter per stage, all started at once (each spends seconds importing torch)
+    imports = {name: subprocess.Popen([sys.executable, "-c", f"import sys, {module}; print(*sorted(sys.modules))"],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, module in ((name, stage["cmd"].split("-m ")[1].split()[0]) for name, stage in stages.items())}
     for name, stage in stages.items():
-        module = stage["cmd"].split("-m ")[1].split()[0]
-        loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(*sorted(sys.modules))"],
-                                cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        out, err = imports[name].communicate()
+        assert imports[name].returncode == 0, f"importing stage {name} failed:\n{err}"
+        loaded = out.split()
         files = {f"{m.replace('.', '/')}.py" for m in loaded if m.startswith("stages.")}
         files = {f if (REPO / f).exists() else f.removesuffix(".py") + "/__init__.py" for f in files}
         deps = stage["deps"]
