@@ -57,6 +57,7 @@ import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from packing import mixed_samples  # noqa: E402 (bench/packing.py, beside this script)
 from safetensors.numpy import save_file  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
@@ -352,23 +353,15 @@ TRAIN_RUNNERS = {
 
 
 def mixed_set(folder: Path, count: int) -> Path:
-    """`count` manifest rows of 1-8 videos x 2-16 frames (even counts; 32 px), their frames as extract shards in
+    """bench/packing.py's mixed samples (1-8 videos x 2-16 frames, 32 px), their frames as extract shards in
     `folder`/frames; returns the rows file."""
-    rng = np.random.default_rng(0)
     (folder / "frames").mkdir(parents=True, exist_ok=True)
     rows = []
-    answers = ["a red circle moves left", "the second one", "a blue square moves up then stops", "none of them"]
-    for index in range(count):
-        videos = []
-        for v in range(rng.integers(1, 9)):
-            name = f"{index}-{v}.safetensors"
-            frames = rng.integers(0, 255, (2 * rng.integers(1, 9), 32, 32, 3), dtype=np.uint8)
-            save_file({"frames": frames}, str(folder / "frames" / name))
-            videos.append({"num_frames": len(frames), "frames": name})
-        question = " ".join(["<video>"] * len(videos)) + "\nWhich clip shows a red circle?"
-        rows.append({"id": f"mixed-{index}", "videos": videos,
-                     "messages": [{"role": "user", "content": question},
-                                  {"role": "assistant", "content": answers[index % len(answers)]}]})
+    for row, videos in mixed_samples(count, seed=0):
+        for v, (video, frames) in enumerate(zip(row["videos"], videos)):
+            video["frames"] = f"{row['id'].removeprefix('mixed-')}-{v}.safetensors"
+            save_file({"frames": frames}, str(folder / "frames" / video["frames"]))
+        rows.append(row)
     (folder / "rows.json").write_text(json.dumps(rows))
     return folder / "rows.json"
 
@@ -423,23 +416,20 @@ def training(installed: dict, repeats: int) -> dict:
     """Our padded and packed runs and each peer's, `repeats` times alternating; the median run of each."""
     with tempfile.TemporaryDirectory() as scratch:
         job = train_job(Path(scratch))
-        setups = {"ours (padded)": ("ours", sys.executable, job),
-                  "ours (packed)": ("ours", sys.executable, {**job, "params": {**job["params"], "packing": True}})}
         workers = {"dataloader_num_workers": job["params_workers"], "dataloader_prefetch_factor":
                    job["params_prefetch"], "dataloader_persistent_workers": True}
-        for name, extra in (("trl", {}), (f"trl ({job['params_workers']} workers)", workers)):
-            if "error" in installed["trl"]:
-                setups[name] = ("error", installed["trl"]["error"], None)
-            else:
-                setups[name] = ("trl", installed["trl"]["python"], {**job, "args": {**job["args"], **extra}})
-        if "error" in installed["llamafactory"]:
-            setups["llamafactory"] = ("error", installed["llamafactory"]["error"], None)
-        else:
-            setups["llamafactory"] = ("llamafactory", installed["llamafactory"]["python"], job)
+        ours = {"python": sys.executable}
+        setups = {   # name -> (runner, its venv, extra training arguments, extra params)
+            "ours (padded)": ("ours", ours, {}, {}), "ours (packed)": ("ours", ours, {}, {"packing": True}),
+            "trl": ("trl", installed["trl"], {}, {}),
+            f"trl ({job['params_workers']} workers)": ("trl", installed["trl"], workers, {}),
+            "llamafactory": ("llamafactory", installed["llamafactory"], {}, {})}
         runs = {name: [] for name in setups}
         for _ in range(repeats):
-            for name, (runner, python, job_) in setups.items():
-                runs[name].append({"error": python} if runner == "error" else run_training(runner, python, job_))
+            for name, (runner, venv, args, params) in setups.items():
+                variant = {**job, "args": {**job["args"], **args}, "params": {**job["params"], **params}}
+                runs[name].append(run_training(runner, venv["python"], variant) if "python" in venv
+                                  else {"error": venv["error"]})
     results = {}
     for name, attempts in runs.items():
         done = [run for run in attempts if "median_step_s" in run]
