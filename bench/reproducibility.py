@@ -15,7 +15,14 @@ folded in: a seed can land a model in another basin (at seed 2 the seq2seq model
 that admitted that would pass a broken model. `--summarize` recomputes the table from the JSON without training.
 
 `--pin t2v` does the same for the text-to-video model (train_t2v and evaluate_t2v, eval/t2v/metrics.json) into
-bench/results/reproducibility_t2v.json; eval/metrics.tolerance.json holds the tolerances of both pins.
+bench/results/reproducibility_t2v.json; eval/metrics.tolerance.json holds the tolerances of both pins, and each run
+rewrites its pin's.
+
+`--repin NAME` is for a pin that moves machines: after `dvc repro` on the new machine, the committed metrics there
+become the pin, and the old pin joins the measured runs as `machine_NAME` (the machine it came from), which sets the
+tolerance as the lower instruction sets do: a real other CPU, with its own BLAS and oneDNN kernels.
+
+    python bench/reproducibility.py [--pin t2v] [--summarize | --repin NAME]
 """
 import json
 import math
@@ -127,7 +134,7 @@ def summarize(result: dict) -> dict:
     def largest(names):
         return {f"{model}.{metric}": max(abs(measured[name][model][metric] - value) for name in names)
                 for model, scores in pinned.items() for metric, value in scores.items()}
-    isa = [name for name in measured if name.startswith("isa_")]
+    isa = [name for name in measured if name.startswith(("isa_", "machine_"))]
     result |= {"margin": MARGIN, "max_deviation_isa": largest(isa),
                "max_deviation_seeds": largest([name for name in measured if name.startswith("seed")])}
     result["suggested_tolerance"] = admit_a_perfect_meteor(
@@ -138,11 +145,12 @@ def summarize(result: dict) -> dict:
 
 def print_table(result: dict) -> None:
     pinned, measured, names = result["pinned"], result["measured"], list(result["measured"])
-    print(f"{'metric':<34}{'pinned':>9}" + "".join(f"{name:>12}" for name in names)
+    width = {name: max(12, len(name) + 2) for name in names}
+    print(f"{'metric':<34}{'pinned':>9}" + "".join(f"{name:>{width[name]}}" for name in names)
           + f"{'dev ISA':>9}{'dev seed':>9}{'tol':>7}")
     for key, tolerance in result["suggested_tolerance"].items():
         model, metric = key.split(".")
-        row = "".join(f"{measured[name][model][metric]:>12.4g}" for name in names)
+        row = "".join(f"{measured[name][model][metric]:>{width[name]}.4g}" for name in names)
         print(f"{key:<34}{pinned[model][metric]:>9.4g}{row}{result['max_deviation_isa'][key]:>9.3g}"
               f"{result['max_deviation_seeds'][key]:>9.3g}{tolerance:>7.4g}")
 
@@ -152,12 +160,19 @@ def main() -> None:
     out = REPO / "bench/results" / pin.results
     if "--summarize" in sys.argv[1:]:
         result = json.loads(out.read_text())
+    elif "--repin" in sys.argv[1:]:
+        result = json.loads(out.read_text())
+        result["measured"][f"machine_{sys.argv[sys.argv.index('--repin') + 1]}"] = result["pinned"]
+        result["pinned"] = json.loads((REPO / pin.metrics).read_text())
     else:
         result = measure(json.loads((REPO / pin.metrics).read_text()), pin)
     result = summarize(result)
     print_table(result)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(f"-> {out.relative_to(REPO)}")
+    tolerances = REPO / "eval/metrics.tolerance.json"
+    tolerance = {**json.loads(tolerances.read_text()), **result["suggested_tolerance"]}
+    tolerances.write_text(json.dumps(dict(sorted(tolerance.items())), indent=2) + "\n")
+    print(f"-> {out.relative_to(REPO)}, {tolerances.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ value is a local path or hub id and takes the same `from_pretrained` path. `trai
 LoRA adapters (stages/training/finetune.py). The loss is on the assistant answers only (stages.models.vlm.encode).
 `train_vlm.distributed` runs it on many processes through torchrun, accelerate or deepspeed, and `train_vlm.deepspeed`
 through DeepSpeed ZeRO (stages/training/distributed.py); DataLoader workers encode the samples, and with
-`train_vlm.packing` pack each batch into rows (stages.models.vlm.collate). The schedule (epochs
+`train_vlm.packing` pack each batch into rows (stages.models.vlm.collate); with `train_vlm.cache_vision` the frozen
+vision tower answers from the features `embed` cached (stages/models/vision_cache.py). The schedule (epochs
 or steps, evaluations, the kept weights, early stopping) is stages/training/schedule.py's. Output:
 models/vlm/{model/ (full or merged) and/or adapter/, base/ (tiny only), rejects.jsonl (samples over max_length),
 training.json, deepspeed.json (with DeepSpeed)}; curves in dvclive/train_vlm/."""
@@ -17,8 +18,8 @@ from transformers import AutoProcessor
 
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.params import load, seed_everything
-from stages.data.frames import FRAMES, load_frames
-from stages.models import vlm
+from stages.data.frames import FRAMES
+from stages.models import vision_cache, vlm
 from stages.training import distributed, finetune, schedule
 from stages.training.trainer import (
     LiveCallback,
@@ -32,6 +33,7 @@ from stages.training.trainer import (
 )
 
 MANIFEST = Path("data/manifest")
+CACHE = Path("data/vision_cache")
 OUT = Path("models/vlm")
 
 
@@ -45,6 +47,8 @@ def main() -> None:
     fam = vlm.family(p["family"])
     if p["packing"]:
         vlm.check_packing(fam)
+    if p["cache_vision"]:
+        vision_cache.check(fam, p)
     train_rows, val_rows = read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl")
     schedule.check("train_vlm", p, val_rows)
 
@@ -54,9 +58,7 @@ def main() -> None:
         base = p["model"]
         if base == "tiny":
             if distributed.is_main_process():
-                texts = [m["content"].replace(vlm.VIDEO, "") for row in train_rows for m in row["messages"]]
-                frame_size = load_frames(train_rows[0])[0].shape[1]
-                fam.build_tiny(p["tiny"], texts, frame_size, out / "base")
+                vlm.build_tiny_base(fam, p, train_rows, out / "base")
             base = str(out / "base")
         # checkpoints of this very run, if a crash or a kill left some; the arguments join the process group
         checkpoints = checkpoint_folder("train_vlm", p, seed, [MANIFEST / "train.jsonl", MANIFEST / "val.jsonl",
@@ -67,6 +69,9 @@ def main() -> None:
         distributed.barrier()
         processor = AutoProcessor.from_pretrained(base)
         model = finetune.prepare(finetune.load(fam, base, p), fam, p)
+        cache = vision_cache.VisionCache(CACHE) if p["cache_vision"] else None
+        if cache:   # the tower answers from embed's features; the model and its export are unchanged
+            vision_cache.attach(model, fam, cache)
 
         # Keep the samples that fit max_length whole (media tokens are never cut); record the others
         rejects = vlm.over_budget(train_rows + val_rows, processor, fam, p["max_length"])
@@ -97,7 +102,8 @@ def main() -> None:
         # Save
         finetune.save(trainer, processor, out, base.replace(str(out), str(OUT)), p, fam)
         write_record(trainer, out, OUT, base, p, result, family=p["family"], rejected=len(rejects),
-                     resumed_from=resume and Path(resume).name, **timer.summary())
+                     resumed_from=resume and Path(resume).name, vision_cache=cache and cache.summary(),
+                     **timer.summary())
     remove_checkpoints("train_vlm")
     if distributed.is_main_process():
         print(f"train_vlm: {result.global_step} steps, train loss {result.training_loss:.3f}, "

@@ -39,7 +39,7 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.e2e
-ALL = {"collect", "extract", "manifest", "train_seq2seq", "train_vlm", "align_vlm", "evaluate", "train_t2v",
+ALL = {"collect", "extract", "manifest", "train_seq2seq", "embed", "train_vlm", "align_vlm", "evaluate", "train_t2v",
        "evaluate_t2v", "push"}
 DATA_STAGES = ("collect", "extract", "manifest")
 PINNED_METRICS = ("eval/metrics.json", "eval/t2v/metrics.json")   # eval/metrics.tolerance.json covers both
@@ -140,8 +140,8 @@ def test_an_extract_param_reruns_extract_and_what_depends_on_frames_not_collect(
     output = exp_run(pipeline["repo"], "extract.frame_size=24", "train_vlm.max_steps=40", "train_t2v.max_steps=10",
                      "train_t2v.tiny.vae_steps=10", "evaluate_t2v.steps=2")
     # the manifest is rebuilt but comes out identical (frame size is not in it), so train_seq2seq is skipped
-    assert ran(output) == {"extract", "manifest", "train_vlm", "align_vlm", "evaluate", "train_t2v", "evaluate_t2v",
-                           "push"}
+    assert ran(output) == {"extract", "manifest", "embed", "train_vlm", "align_vlm", "evaluate", "train_t2v",
+                           "evaluate_t2v", "push"}
 
 
 def test_data_stages_are_deterministic_across_clean_runs(pipeline, tmp_path):
@@ -241,10 +241,15 @@ def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
     assert leaks == []
 
 
-def test_a_lora_adapter_is_evaluated_and_exported_as_an_adapter(pipeline):
+def test_lora_on_cached_vision_features_is_evaluated_and_exported_as_an_adapter(pipeline):
+    """LoRA with the tower frozen, the setup the vision-feature cache is for: embed caches, train_vlm never runs the
+    tower, and the export is a plain adapter that needs no cache."""
     repo = pipeline["repo"]
-    output = exp_run(repo, "train_vlm.finetune=lora", "train_vlm.max_steps=20")
-    assert {"train_vlm", "evaluate", "push"} <= ran(output)
+    output = exp_run(repo, "train_vlm.finetune=lora", "train_vlm.max_steps=20", "train_vlm.freeze_vision=true",
+                     "train_vlm.cache_vision=true")
+    assert {"embed", "train_vlm", "evaluate", "push"} <= ran(output)
+    counts = json.loads((repo / "models/vlm/training.json").read_text())["vision_cache"]
+    assert counts["frames_through_tower"] == 0 and counts["frames_from_cache"] > 0
     assert not (repo / "models/vlm/model").exists() and (repo / "models/vlm/adapter/adapter_model.safetensors").exists()
     assert (repo / "export/vlm/adapter_config.json").exists()
     assert "library_name: peft" in (repo / "export/vlm/README.md").read_text()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, SmolVLMForConditionalGeneration
 
-from stages import train_vlm
+from stages import embed, train_vlm
 from stages.common.files import read_jsonl
 from stages.common.params import load
 from stages.models import vlm
@@ -105,6 +105,27 @@ def test_packing_trains_qwen2_vl_along_the_loss_curve_of_padded_batches(workspac
     assert len(curves[True]) == len(curves[False]) == 8
     for (_, padded), (_, packed) in zip(curves[False], curves[True]):
         assert abs(padded - packed) < 1e-4, (curves[False], curves[True])
+
+
+def test_the_vision_cache_trains_along_the_same_curve_to_the_same_weights_without_running_the_tower(workspace):
+    runs = {}
+    for cached in (False, True):
+        write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "freeze_vision": True,
+                                                       "cache_vision": cached}})
+        if cached:
+            embed.main()
+        train_vlm.main()
+        runs[cached] = (read_curve(workspace / "dvclive/train_vlm/plots/metrics/train/loss.tsv"),
+                        LlavaForConditionalGeneration.from_pretrained("models/vlm/model").state_dict(),
+                        json.loads((workspace / "models/vlm/training.json").read_text())["vision_cache"])
+    (curve, weights, none), (cached_curve, cached_weights, counts) = runs[False], runs[True]
+    assert none is None and counts["frames_through_tower"] == 0 and counts["frames_from_cache"] > 0
+    assert len(curve) == len(cached_curve) == 8
+    for (_, plain), (_, cached) in zip(curve, cached_curve):
+        assert abs(plain - cached) < 1e-4, (curve, cached_curve)
+    assert weights.keys() == cached_weights.keys()
+    for name, weight in weights.items():
+        assert torch.allclose(weight, cached_weights[name], atol=1e-4), name
 
 
 def test_packing_stops_at_once_where_the_family_cannot_pack(workspace):

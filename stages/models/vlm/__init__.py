@@ -87,6 +87,13 @@ def checkpoint_model_type(path: str) -> str | None:
         return None
 
 
+def build_tiny_base(fam: Family, p: dict, train_rows: list[dict], out: Path) -> Path:
+    """The family's tiny model (train_vlm.model: tiny), its tokenizer trained on the training rows' text, for frames
+    of the size `extract` wrote. train_vlm builds it; `embed` builds the same one (same seed) to cache its tower."""
+    texts = [message["content"].replace(VIDEO, "") for row in train_rows for message in row["messages"]]
+    return fam.build_tiny(p["tiny"], texts, load_frames(train_rows[0])[0].shape[1], out)
+
+
 def frame_times(row: dict, videos: list[np.ndarray]) -> list[list[float]]:
     """The time in seconds of each frame of each of the row's videos, as `extract` recorded them; one frame per
     second for a row that records none."""
@@ -161,6 +168,15 @@ def model_inputs(fam, processor, conversations: list[list[dict]], videos: list, 
         return fam.model_inputs(processor, conversations, videos, times, generation_prompt, **kwargs)
     texts = [render(processor, messages, generation_prompt) for messages in conversations]
     return processor(text=texts, **fam.media_inputs(videos, times), **kwargs)
+
+
+def sample_inputs(row: dict, processor, fam, frames_dir: Path = FRAMES) -> dict:
+    """One sample's model inputs, labels aside: its frames from the shards through `model_inputs`, as `encode`
+    makes them (what `embed` shows the vision tower)."""
+    messages, _ = to_messages(row, fam)
+    videos = load_frames(row, frames_dir)
+    inputs = model_inputs(fam, processor, [messages], videos, frame_times(row, videos), return_tensors="pt")
+    return {key: value[0] if key in SEQUENCE_KEYS else value for key, value in inputs.items()}
 
 
 def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int) -> dict:

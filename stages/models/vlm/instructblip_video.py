@@ -39,8 +39,7 @@ MODEL_CLASS = InstructBlipVideoForConditionalGeneration
 # language model follow the full/frozen switches of the whole model, and stay as they are under LoRA) and the language
 # model, for the finetune switches
 VISION, PROJECTOR, LANGUAGE = "vision_model", "qformer", "language_model"
-# train_vlm.packing (vlm.check_packing): the model's forward hands its keyword arguments to the Q-Former as well as to
-# the language model, so the per-sample positions that mark packed rows would reach the Q-Former's own embeddings
+# why train_vlm.packing refuses this family (vlm.check_packing)
 CANNOT_PACK = ("its forward hands position_ids to the Q-Former as well as to the language model, so the positions "
                "that mark packed samples cannot be given to the language model alone")
 QUERY_TOKENS = 8           # the tiny model's tokens per frame (the released models: 32)

@@ -24,6 +24,8 @@ from stages.models.vlm.qwen2_vl import END_OF_TURN, IMAGE_PAD, MERGE, TEMPORAL, 
 MODEL_CLASS = Qwen3VLForConditionalGeneration
 # the model's vision tower, vision-to-text projector and language model (for the finetune switches)
 VISION, PROJECTOR, LANGUAGE = "model.visual", "model.visual.merger", "model.language_model"
+CANNOT_CACHE = ("its deepstack projectors (which train) take the outputs of intermediate tower blocks inside the "
+                "tower's own forward, and the cache does not store those yet")
 
 # A video part is the bare video token: transformers' processor replaces it with "<t seconds>" plus the frame pair's
 # tokens inside their own vision start/end, per pair. Qwen2-VL's wrapper around it would nest those pairs in a second

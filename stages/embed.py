@@ -1,0 +1,70 @@
+"""embed: the vision-feature cache that train_vlm reads when `train_vlm.cache_vision` is on (with freeze_vision).
+
+It shows every train and val sample's frames, through the same processor, to the same frozen vision tower train_vlm
+will load (the tiny model is built here the same way, from the same seed), and stores what the tower returns for each
+frame, before the projector (stages/models/vision_cache.py). A second experiment on the same frames, processor and
+tower then reruns nothing here and skips the tower at every step. With the cache off the stage writes an index that
+says so, and nothing else. Output: data/vision_cache/{index.json, pack-*.safetensors}."""
+import shutil
+from pathlib import Path
+
+from stages.common.files import atomic_dir, read_jsonl, write_json
+from stages.common.params import load, seed_everything
+
+MANIFEST = Path("data/manifest")
+OUT = Path("data/vision_cache")
+BATCH = 16    # samples per forward: how fast, not what, it computes (so not a param that reruns the stage)
+
+
+def main() -> None:
+    # Load
+    params = load("train_vlm")
+    p, seed = params["train_vlm"], params["base"]["seed"]
+    with atomic_dir(OUT) as out:
+        if not p["cache_vision"]:   # vision_cache.INDEX, written here: that module would cost a torch import
+            write_json(out / "index.json", {"enabled": False, "reason": "train_vlm.cache_vision is false"})
+            print(f"embed: train_vlm.cache_vision is false, nothing cached -> {OUT}/")
+            return
+        index = build(p, seed, read_jsonl(MANIFEST / "train.jsonl"), read_jsonl(MANIFEST / "val.jsonl"), out)
+    print(f"embed: {index['frames']} frames' vision features ({index['bytes'] / 2**20:.1f} MiB, "
+          f"{index['bytes'] / index['frame_bytes']:.1f}x their frame shards) in {len(index['packs'])} packs -> {OUT}/")
+
+
+def build(p: dict, seed: int, train_rows: list[dict], val_rows: list[dict], out: Path) -> dict:
+    # (imported here, not at the top: only a cache that is on needs torch and transformers)
+    from tqdm import tqdm
+    from transformers import AutoProcessor
+
+    from stages.common.console import quiet_libraries
+    from stages.data.frames import FRAMES
+    from stages.models import vision_cache, vlm
+    from stages.training import finetune
+
+    # Build: the model train_vlm will load (the tiny one built as train_vlm builds it), its tower frozen
+    quiet_libraries()
+    seed_everything(seed)
+    fam = vlm.family(p["family"])
+    vision_cache.check(fam, p)
+    base = p["model"]
+    if base == "tiny":
+        base = str(vlm.build_tiny_base(fam, p, train_rows, out / "base"))
+    processor = AutoProcessor.from_pretrained(base)
+    model = finetune.load(fam, base, p).eval()
+    shutil.rmtree(out / "base", ignore_errors=True)   # train_vlm builds and keeps its own
+
+    # Embed: every train and val sample, batched as train_vlm batches them, through the model up to its tower
+    rows = train_rows + val_rows
+    pad = processor.tokenizer.pad_token_id
+    batches = (vlm.collate([vlm.sample_inputs(row, processor, fam) for row in rows[start:start + BATCH]], pad)
+               for start in range(0, len(rows), BATCH))
+    batches = tqdm(batches, total=-(-len(rows) // BATCH), desc="embed", unit="batch", mininterval=2)
+
+    # Save (pack by pack, as the features come)
+    videos = {video["frames"] for row in rows for video in row["videos"]}
+    return vision_cache.write(out, vision_cache.record(model, fam, batches), family=p["family"], model=p["model"],
+                              tower=vision_cache.digest(vision_cache.tower(model, fam), fam), videos=len(videos),
+                              frame_bytes=sum((FRAMES / name).stat().st_size for name in videos))
+
+
+if __name__ == "__main__":
+    main()
