@@ -6,6 +6,7 @@ frame, before the projector (stages/models/vision_cache.py). A second experiment
 tower then reruns nothing here and skips the tower at every step. With the cache off the stage writes an index that
 says so, and nothing else. Output: data/vision_cache/{index.json, pack-*.safetensors}."""
 import shutil
+import sys
 from pathlib import Path
 
 from stages.common.files import atomic_dir, read_jsonl, write_json
@@ -52,10 +53,12 @@ def build(p: dict, seed: int, train_rows: list[dict], val_rows: list[dict], out:
     model = finetune.load(fam, base, p).eval()
     shutil.rmtree(out / "base", ignore_errors=True)   # train_vlm builds and keeps its own
 
-    # Embed: every train and val sample, batched as train_vlm batches them, through the model up to its tower
+    # Embed: every train and val sample, encoded and batched as train_vlm does it (however long: train_vlm leaves out
+    # the long ones itself), through the model up to its tower
     rows = train_rows + val_rows
+    samples = vlm.ManifestDataset(rows, processor, fam, max_length=sys.maxsize)
     pad = processor.tokenizer.pad_token_id
-    batches = (vlm.collate([vlm.sample_inputs(row, processor, fam) for row in rows[start:start + BATCH]], pad)
+    batches = (vlm.collate([samples[i] for i in range(start, min(start + BATCH, len(rows)))], pad)
                for start in range(0, len(rows), BATCH))
     batches = tqdm(batches, total=-(-len(rows) // BATCH), desc="embed", unit="batch", mininterval=2)
 

@@ -24,9 +24,9 @@ def frames_of(fam, rows):
 
 def record_into(folder, model, fam, processor, rows, frames_dir, per_batch=3):
     """embed's work in small: the rows' features, recorded in batches of `per_batch` rows, written to `folder`."""
-    pad = processor.tokenizer.pad_token_id
-    batches = [vlm.collate([vlm.sample_inputs(row, processor, fam, frames_dir) for row in rows[i:i + per_batch]], pad)
-               for i in range(0, len(rows), per_batch)]
+    samples = vlm.ManifestDataset(rows, processor, fam, 4096, frames_dir)
+    batches = [vlm.collate([samples[j] for j in range(i, min(i + per_batch, len(rows)))],
+                           processor.tokenizer.pad_token_id) for i in range(0, len(rows), per_batch)]
     return vision_cache.write(folder, vision_cache.record(model, fam, batches),
                               tower=vision_cache.digest(vision_cache.tower(model, fam), fam))
 

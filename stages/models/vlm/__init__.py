@@ -170,15 +170,6 @@ def model_inputs(fam, processor, conversations: list[list[dict]], videos: list, 
     return processor(text=texts, **fam.media_inputs(videos, times), **kwargs)
 
 
-def sample_inputs(row: dict, processor, fam, frames_dir: Path = FRAMES) -> dict:
-    """One sample's model inputs, labels aside: its frames from the shards through `model_inputs`, as `encode`
-    makes them (what `embed` shows the vision tower)."""
-    messages, _ = to_messages(row, fam)
-    videos = load_frames(row, frames_dir)
-    inputs = model_inputs(fam, processor, [messages], videos, frame_times(row, videos), return_tensors="pt")
-    return {key: value[0] if key in SEQUENCE_KEYS else value for key, value in inputs.items()}
-
-
 def encode(row: dict, videos: list[np.ndarray], processor, fam, max_length: int) -> dict:
     """Model inputs for one sample, with labels on the assistant turns only (each with its end-of-turn token).
 
