@@ -40,6 +40,7 @@ compared.
     python bench/peers.py [--quick] [--part decode|train|all]   prints tables, writes bench/results/peers.json
 """
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -62,6 +63,7 @@ from safetensors.numpy import save_file  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 from stages.common.params import load, seed_everything  # noqa: E402
+from stages.data import packs  # noqa: E402
 from stages.data.frames import load_frames  # noqa: E402
 from stages.data.video import open_video, pick_frames, probe, sample  # noqa: E402
 from stages.models import vlm  # noqa: E402
@@ -261,7 +263,7 @@ TRAIN_RUNNERS = {
         from pathlib import Path
         import torch
         from datasets import Dataset
-        from safetensors.numpy import load_file
+        from stages.data.frames import load_frames   # the packs' reader (the repository is the cwd)
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
         from trl import SFTConfig, SFTTrainer
         torch.manual_seed(0)
@@ -285,8 +287,7 @@ TRAIN_RUNNERS = {
             # the vision-language recipe: render the chats, run the processor on the batch with its videos, and
             # label the assistant answer only (the tokens after the prompt, but the template's last newline)
             rows_ = [rows[example["index"]] for example in examples]
-            frames = [[load_file(str(Path(job["frames"]) / v["frames"]))["frames"] for v in row["videos"]]
-                      for row in rows_]
+            frames = [load_frames(row, Path(job["frames"])) for row in rows_]
             texts = [processor.apply_chat_template(chat(row), tokenize=False) for row in rows_]
             batch = processor(text=texts, videos=[v for row in frames for v in row], padding=True,
                               return_tensors="pt", do_sample_frames=False)
@@ -312,7 +313,7 @@ TRAIN_RUNNERS = {
         from pathlib import Path
         import numpy as np
         from PIL import Image
-        from safetensors.numpy import load_file
+        from stages.data.frames import load_frames   # the packs' reader (the repository is the cwd)
         from llamafactory.train.tuner import run_exp
         rows = json.loads(Path(job["rows"]).read_text())
         with tempfile.TemporaryDirectory() as scratch:
@@ -323,10 +324,10 @@ TRAIN_RUNNERS = {
             for row in rows:
                 videos = []
                 for video in row["videos"]:
-                    frames = load_file(str(Path(job["frames"]) / video["frames"]))["frames"]
+                    frames = load_frames({"videos": [video]}, Path(job["frames"]))[0]
                     names = []
                     for i, frame in enumerate(frames):
-                        name = data / f"{video['frames']}-{i}.png"
+                        name = data / f"{video['sha256']}-{i}.png"
                         Image.fromarray(frame).save(name)
                         names.append(str(name))
                     videos.append(names)
@@ -353,15 +354,20 @@ TRAIN_RUNNERS = {
 
 
 def mixed_set(folder: Path, count: int) -> Path:
-    """bench/packing.py's mixed samples (1-8 videos x 2-16 frames, 32 px), their frames as extract shards in
-    `folder`/frames; returns the rows file."""
+    """bench/packing.py's mixed samples (1-8 videos x 2-16 frames, 32 px), their frames as extract shards packed in
+    `folder`/frames, as extract packs them; returns the rows file."""
     (folder / "frames").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, shards = [], []
     for row, videos in mixed_samples(count, seed=0):
-        for v, (video, frames) in enumerate(zip(row["videos"], videos)):
-            video["frames"] = f"{row['id'].removeprefix('mixed-')}-{v}.safetensors"
-            save_file({"frames": frames}, str(folder / "frames" / video["frames"]))
+        for video, frames in zip(row["videos"], videos):
+            video["sha256"] = hashlib.sha256(frames.tobytes()).hexdigest()
+            shards.append(folder / "frames" / f"{video['sha256']}.safetensors")
+            save_file({"frames": frames}, str(shards[-1]))
         rows.append(row)
+    locators = packs.write(folder / "frames", sorted(set(shards)), 256 << 20)
+    for row in rows:
+        for video in row["videos"]:
+            video["frames"] = locators[f"{video['sha256']}.safetensors"]
     (folder / "rows.json").write_text(json.dumps(rows))
     return folder / "rows.json"
 

@@ -16,25 +16,8 @@ accuracy at each evaluation; GRPO: each reward's mean, and kl).
 import json
 from pathlib import Path
 
-from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
-from transformers import AutoConfig, AutoProcessor
-from trl import DPOConfig, GRPOConfig
-
 from stages.common.files import atomic_dir, read_jsonl, write_json, write_jsonl
 from stages.common.params import load, seed_everything
-from stages.data.frames import FRAMES
-from stages.models import vlm
-from stages.training import align, distributed, finetune, rewards, schedule
-from stages.training.trainer import (
-    LiveCallback,
-    ProgressBar,
-    StepTimer,
-    checkpoint_folder,
-    last_checkpoint,
-    remove_checkpoints,
-    training_arguments,
-    write_record,
-)
 
 MANIFEST = Path("data/manifest")
 SFT = Path("models/vlm")
@@ -54,6 +37,9 @@ def pairs_only(rows: list[dict], split: str) -> list[dict]:
 
 def method_arguments(p: dict, model_config) -> tuple[type, dict]:
     """The trl config class and its method-specific keys (`model_config`: the SFT model's, for its media tokens)."""
+    from trl import DPOConfig, GRPOConfig
+
+    from stages.training import align
     if p["method"] == "dpo":
         return DPOConfig, {"beta": p["beta"], "loss_type": p["dpo"]["loss_type"],
                            "loss_weights": p["dpo"]["loss_weights"] or None, "max_length": None}
@@ -66,7 +52,6 @@ def method_arguments(p: dict, model_config) -> tuple[type, dict]:
 
 
 def main() -> None:
-    quiet_libraries()
     # Load
     params = load("align_vlm")
     p, seed = params["align_vlm"], params["base"]["seed"]
@@ -76,6 +61,29 @@ def main() -> None:
             write_json(live / "metrics.json", {"method": "none"})
         print(f"align_vlm: method none, evaluate and push take {SFT}/")
         return
+    train(p, seed)
+
+
+def train(p: dict, seed: int) -> None:
+    # (imported here, not at the top: `none`, the default, writes its record in a second, without torch or trl)
+    from stages.common.console import quiet_libraries  # isort: skip  (first: quiets what libraries print on import)
+    from transformers import AutoConfig, AutoProcessor
+
+    from stages.data.frames import FRAMES
+    from stages.models import vlm
+    from stages.training import align, distributed, finetune, rewards, schedule
+    from stages.training.trainer import (
+        LiveCallback,
+        ProgressBar,
+        StepTimer,
+        checkpoint_folder,
+        last_checkpoint,
+        remove_checkpoints,
+        training_arguments,
+        write_record,
+    )
+
+    quiet_libraries()
     distributed.launch("stages.align_vlm", p)
     seed_everything(seed)
     sft = json.loads((SFT / "training.json").read_text())

@@ -37,7 +37,6 @@ def build(p: dict, seed: int, train_rows: list[dict], val_rows: list[dict], out:
     from transformers import AutoProcessor
 
     from stages.common.console import quiet_libraries
-    from stages.data.frames import FRAMES
     from stages.models import vision_cache, vlm
     from stages.training import finetune
 
@@ -63,10 +62,10 @@ def build(p: dict, seed: int, train_rows: list[dict], val_rows: list[dict], out:
     batches = tqdm(batches, total=-(-len(rows) // BATCH), desc="embed", unit="batch", mininterval=2)
 
     # Save (pack by pack, as the features come)
-    videos = {video["frames"] for row in rows for video in row["videos"]}
+    shard_bytes = {video["sha256"]: video["frames"]["length"] for row in rows for video in row["videos"]}
     return vision_cache.write(out, vision_cache.record(model, fam, batches), family=p["family"], model=p["model"],
-                              tower=vision_cache.digest(vision_cache.tower(model, fam), fam), videos=len(videos),
-                              frame_bytes=sum((FRAMES / name).stat().st_size for name in videos))
+                              tower=vision_cache.digest(vision_cache.tower(model, fam), fam), videos=len(shard_bytes),
+                              frame_bytes=sum(shard_bytes.values()))
 
 
 if __name__ == "__main__":

@@ -3,16 +3,18 @@
 Which frames: `extract.num_frames` spread evenly over the video, or `extract.fps` per second within
 min_frames..max_frames. Their size: frame_size x frame_size, or the Qwen rule under `extract.max_pixels`.
 Frames come from decoding the files (never from the generator), so the model sees what a real video gives.
-Output: data/frames/<sha256>.safetensors per video (uint8 frames, timestamps, frame numbers, 16 kHz audio when
-asked), one shard per video to keep DVC's no-op fast, and data/frames/report.json: per video what was decoded (with
-the shard's sha256, so that the report changes whenever a shard does) and the optional transcript and auto-caption,
-or why it was quarantined.
+Output: one safetensors shard per video (uint8 frames, timestamps, frame numbers, 16 kHz audio when asked), inside
+packs of at most `extract.pack_megabytes` (stages/data/packs.py: tar files grouped by sha256 prefix, so DVC tracks a
+few hundred files, not one per video), and data/frames/report.json, the index: per video where its shard is (pack,
+offset, length) and its sha256, what was decoded and the optional transcript and auto-caption, or why it was
+quarantined.
 
 Where it runs: `extract.engine: local` decodes on this machine's cores; `ray` hands the videos to a Ray cluster (the
-one RAY_ADDRESS names, or a local Ray when it is unset), one task per group of videos sharing a sha256 prefix (a
-stable key: one changed video changes one group). Each task runs the same decoder under the same limits and writes
-the same shards, so the outputs are the same bytes whichever engine ran them; a task whose worker dies is retried
-by Ray. On a cluster of several machines, data/ must be on a file system every node mounts.
+one RAY_ADDRESS names, or a local Ray when it is unset), one task per pack group of videos (sharing a sha256 prefix:
+a stable key, so one changed video changes one group). Each task runs the same decoder under the same limits and
+writes the same packs, so the outputs are the same bytes whichever engine ran them; a task whose worker dies is retried
+by Ray. On a cluster of several machines, data/ must be on a file system every node mounts. Either way, each group
+is packed as soon as it is decoded, and a rerun after a kill keeps the groups finished by a run of the same inputs.
 
 Hostile or broken videos cannot stall or sink the stage: a video whose header claims more than
 `extract.max_source_pixels` or `max_source_frames` is quarantined before decoding, and each video has
@@ -20,16 +22,21 @@ Hostile or broken videos cannot stall or sink the stage: a video whose header cl
 one, so a decoder hung in C code (which no Python exception can reach) holds one worker for the limit and no longer;
 a decoder that crashes its worker costs that video too, not the run.
 """
+import hashlib
+import json
 import os
 from concurrent.futures import TimeoutError as FutureTimeout
+from itertools import groupby
 from pathlib import Path
 
 from pebble import CONSTS, ProcessExpired, ProcessPool
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from stages.common.files import atomic_dir, read_jsonl, sha256_file, write_json
 from stages.common.params import load
+from stages.data import packs
+from stages.data.frames import load_shard
 from stages.data.video import AUDIO_RATE, VideoError, read_audio, sample, sample_images
 
 RAW = Path("data/raw")
@@ -38,7 +45,7 @@ OUT = Path("data/frames")
 # decoded: report.json's params leave them out, so that its bytes (pinned in dvc.lock) do not move when a limit or the
 # engine does. Each quarantine names the limit it hit.
 NOT_REPORTED = ("decode_timeout", "max_source_pixels", "max_source_frames", "engine")
-GROUP_KEY = 2          # ray: videos are grouped by the first hex digits of their sha256 (256 tasks at most)
+DONE = ".done.json"     # a packed group's report entries, beside its packs until the stage ends
 TASK_RETRIES = 3       # ray: restarts of a decoder whose process died (a crash, a lost node), and tries of its task
 
 
@@ -52,7 +59,7 @@ def check(p: dict) -> None:
 
 
 def extract_one(video: str, audio: str | None, duration: float | None, p: dict, out: Path) -> dict:
-    """Decode one video into its shard in `out`; the report entry, or the quarantine reason."""
+    """Decode one video into its shard in `out` (packed later); the report entry, or the quarantine reason."""
     key = Path(video).name.split(".")[0]
     try:
         path = RAW / video
@@ -103,26 +110,50 @@ def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> No
     if p["transcribe_model"]:
         transcribe = annotate.transcriber(p["transcribe_model"])
         for entry in tqdm(ok.values(), desc="transcribe", unit="video", mininterval=2):
-            audio = load_file(str(out / entry["shard"])).get("audio")
+            audio = load_shard(entry["shard"], out).get("audio")
             if audio is not None and len(audio):
                 entry["transcript"] = transcribe(audio)
     if p["caption_model"]:
         describe = annotate.captioner(p["caption_model"], p["caption_prompt"], p["caption_max_tokens"])
         uncaptioned = sorted({s["videos"][0] for s in samples if not s.get("caption") and s["videos"]} & set(ok))
         for video in tqdm(uncaptioned, desc="caption", unit="video", mininterval=2):
-            ok[video]["auto_caption"] = describe(list(load_file(str(out / ok[video]["shard"]))["frames"]))
+            ok[video]["auto_caption"] = describe(list(load_shard(ok[video]["shard"], out)["frames"]))
 
 
 def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progress=None) -> dict:
-    """{video: report entry} of every (video, audio, duration) job, on the processes of `pool`."""
-    futures = [pool.schedule(extract_one, (video, audio, duration, p, out), timeout=pool_timeout(p["decode_timeout"]))
-               for video, audio, duration in jobs]
-    entries = {}
-    for (video, _, _), future in zip(jobs, futures):
-        entries[video] = outcome(future, p, out / f"{Path(video).name.split('.')[0]}.safetensors")
-        if progress is not None:
-            progress.update()
+    """{video: report entry} of every (video, audio, duration) job (sorted by video), on the processes of `pool`.
+    Each group's shards are packed as soon as the group is decoded, so unpacked shards never pile up, and the group's
+    entries are then recorded beside its packs: a rerun after a kill takes them instead of decoding the group again."""
+    groups = [(key, list(group)) for key, group in groupby(jobs, key=lambda job: packs.group(Path(job[0]).name))]
+    entries, todo = {}, []
+    for key, group in groups:
+        if (out / f"{key}{DONE}").exists():
+            entries.update(json.loads((out / f"{key}{DONE}").read_text()))
+            if progress is not None:
+                progress.update(len(group))
+        else:
+            todo.append((key, group))
+    futures = {video: pool.schedule(extract_one, (video, audio, duration, p, out),
+                                    timeout=pool_timeout(p["decode_timeout"]))
+               for _, group in todo for video, audio, duration in group}
+    for key, group in todo:
+        decoded = {}
+        for video, _, _ in group:
+            decoded[video] = outcome(futures[video], p, out / f"{Path(video).name.split('.')[0]}.safetensors")
+            if progress is not None:
+                progress.update()
+        entries.update(pack(decoded, p, out))
+        write_json(out / f"{key}{DONE}.partial", decoded)
+        os.replace(out / f"{key}{DONE}.partial", out / f"{key}{DONE}")
     return entries
+
+
+def pack(decoded: dict, p: dict, out: Path) -> dict:
+    """The entries of one group with their shards moved into the group's packs: `shard` becomes the locator."""
+    ok = {entry["shard"]: entry for entry in decoded.values() if entry["status"] == "ok"}
+    for name, locator in packs.write(out, [out / name for name in ok], p["pack_megabytes"] << 20).items():
+        ok[name]["shard"] = locator
+    return decoded
 
 
 class Decoder:
@@ -156,7 +187,7 @@ def decode_ray(jobs: list[tuple], p: dict, out: Path, progress) -> dict:
     try:
         groups = {}
         for job in jobs:
-            groups.setdefault(Path(job[0]).name[:GROUP_KEY], []).append(job)
+            groups.setdefault(packs.group(Path(job[0]).name), []).append(job)
         actor = ray.remote(num_cpus=1, max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES)(decoder_class)
         decoders = ActorPool([actor.remote(Path.cwd()) for _ in range(max(int(ray.cluster_resources()["CPU"]), 1))])
         entries = {}
@@ -167,6 +198,15 @@ def decode_ray(jobs: list[tuple], p: dict, out: Path, progress) -> dict:
         return entries
     finally:
         ray.shutdown()
+
+
+def resume_key(params: dict, jobs: list[tuple]) -> str:
+    """What a killed run's finished packs must share with this run to be kept: the params, the videos (named by their
+    sha256) and the code that decodes and packs them."""
+    digest = hashlib.sha256(json.dumps([params, jobs]).encode())
+    for module in (__file__, packs.__file__, sample.__code__.co_filename):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()
 
 
 def main() -> None:
@@ -181,7 +221,7 @@ def main() -> None:
     # Decode, on every core of this machine or of the Ray cluster: each worker writes its own shards
     report = {"params": {key: value for key, value in p.items() if key not in NOT_REPORTED}, "videos": {}}
     jobs = [(video, audio.get(video), duration[video]) for video in videos]
-    with atomic_dir(OUT) as out:
+    with atomic_dir(OUT, resume=resume_key(report["params"], jobs)) as out:   # keeps what a killed run finished
         with tqdm(total=len(jobs), desc="extract", unit="video", mininterval=2) as progress:
             if p["engine"] == "ray":
                 entries = decode_ray(jobs, p, out, progress)
@@ -189,6 +229,8 @@ def main() -> None:
                 with ProcessPool(max_workers=p["workers"] or os.cpu_count()) as pool:
                     entries = decode_local(jobs, p, out, pool, progress)
         report["videos"] = {video: entries[video] for video in videos}
+        for done in out.glob(f"*{DONE}"):
+            done.unlink()
         bad = sorted(v for v, r in report["videos"].items() if r["status"] != "ok")
         report["summary"] = {"videos": len(videos), "ok": len(videos) - len(bad), "quarantined": len(bad)}
         if videos and len(bad) / len(videos) > p["max_bad_fraction"]:

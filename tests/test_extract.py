@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from hashlib import sha256
 from io import BytesIO
 from pathlib import Path
 
@@ -13,23 +14,43 @@ import psutil
 import pytest
 from pebble import ProcessPool
 from PIL import Image
-from safetensors.numpy import load_file
 
 from stages import extract
 from stages.common.files import read_jsonl, sha256_file, write_jsonl
+from stages.data import packs
+from stages.data.frames import load_shard
 from tests.helpers import REPO, TINY_VLM, add_broken_video, build_whisper, ffmpeg, make_video, write_params
 
 
-def test_one_shard_per_video_with_the_params_frames(workspace):
+def test_one_shard_per_video_with_the_params_frames_in_packs_grouped_by_sha256_prefix(workspace):
     report = json.loads((workspace / "data/frames/report.json").read_text())
     videos = {v for s in read_jsonl(workspace / "data/raw/samples.jsonl") for v in s["videos"]}
     assert set(report["videos"]) == videos
     assert report["summary"] == {"videos": len(videos), "ok": len(videos), "quarantined": 0}
-    shards = sorted(p.name for p in (workspace / "data/frames").glob("*.safetensors"))
-    assert len(shards) == len(videos)
-    frames = load_file(str(workspace / "data/frames" / shards[0]))
+    files = sorted(p.name for p in (workspace / "data/frames").iterdir())
+    groups = {Path(video).name[:2] for video in videos}
+    assert files == sorted([f"{group}-0.tar" for group in groups] + ["report.json"])
+    for video, entry in report["videos"].items():
+        assert entry["shard"]["pack"] == f"{Path(video).name[:2]}-0.tar"
+        assert sha256(packs.read(workspace / "data/frames", entry["shard"])).hexdigest() == entry["shard_sha256"]
+    frames = load_shard(entry["shard"], workspace / "data/frames")
     assert frames["frames"].shape == (4, 32, 32, 3)
     assert frames["timestamps"].tolist() == sorted(frames["timestamps"].tolist())
+
+
+def test_a_new_video_rewrites_the_pack_of_its_group_only(workspace, tmp_path):
+    before = {path.name: sha256_file(path) for path in (workspace / "data/frames").glob("*.tar")}
+    samples = read_jsonl(workspace / "data/raw/samples.jsonl")
+    clip = tmp_path / "new.mp4"
+    make_video(clip, seconds=1)
+    name = f"videos/{sha256_file(clip)}.mp4"
+    shutil.copy(clip, workspace / "data/raw" / name)
+    write_jsonl(workspace / "data/raw/samples.jsonl", samples + [{**samples[0], "id": "new", "videos": [name]}])
+    extract.main()
+    after = {path.name: sha256_file(path) for path in (workspace / "data/frames").glob("*.tar")}
+    group = Path(name).name[:2]
+    assert {pack for pack in after if after[pack] != before.get(pack)} == {f"{group}-0.tar"}
+    assert set(before) <= set(after)
 
 
 def test_a_broken_video_is_quarantined_with_its_reason(workspace):
@@ -89,7 +110,7 @@ def test_audio_transcripts_and_auto_captions_reach_the_manifest(workspace, tmp_p
     manifest.main()
 
     entry = json.loads((workspace / "data/frames/report.json").read_text())["videos"][name]
-    audio = load_file(str(workspace / "data/frames" / entry["shard"]))["audio"]
+    audio = load_shard(entry["shard"], workspace / "data/frames")["audio"]
     assert audio.dtype == "float32" and abs(len(audio) - 2 * 16000) < 1600 and entry["audio_seconds"] > 1.8
     assert isinstance(entry["transcript"], str) and isinstance(entry["auto_caption"], str)
     silent = json.loads((workspace / "data/frames/report.json").read_text())["videos"][samples[0]["videos"][0]]
@@ -122,10 +143,9 @@ def test_fps_mode_and_the_qwen_size_rule_through_the_stage(workspace):
     extract.main()
     report = json.loads((workspace / "data/frames/report.json").read_text())
     entry = next(iter(report["videos"].values()))
-    frames = load_file(str(workspace / "data/frames" / entry["shard"]))["frames"]
+    frames = load_shard(entry["shard"], workspace / "data/frames")["frames"]
     assert frames.shape == (8, 56, 56, 3)                     # 2 s x 4 fps; 64 px rounded to a multiple of 28
     assert entry["frames"] == 8 and entry["timestamps"][-1] == 1.875
-    assert entry["shard_sha256"] == sha256_file(workspace / "data/frames" / entry["shard"])
 
 
 # ---------------------------------------------------------------- hostile videos: every decode is bounded
@@ -194,6 +214,34 @@ def test_a_decoder_that_crashes_its_worker_costs_that_video_only(workspace, tmp_
     report = json.loads((workspace / "data/frames/report.json").read_text())
     assert report["videos"][video]["reason"] == "decoder crashed (worker exit code -9)"
     assert report["summary"]["ok"] == 24
+
+
+def test_a_killed_stage_keeps_its_finished_packs_and_the_rerun_gives_the_same_bytes(workspace):
+    """The stage is killed (SIGKILL, with its workers) while it waits on a FIFO in the last group: the groups before
+    it were packed, and the rerun keeps those packs untouched instead of decoding them again."""
+    process, video, holder = stage_blocked_on_a_fifo(workspace, {"decode_timeout": 60}, wait_s=60)
+    partial = workspace / "data/frames.partial"
+    earlier = {Path(v).name[:2] for s in read_jsonl(workspace / "data/raw/samples.jsonl") for v in s["videos"]} - {"ee"}
+    deadline = time.monotonic() + 30
+    while len(list(partial.glob("*.done.json"))) < len({g for g in earlier if g < "ee"}):
+        assert time.monotonic() < deadline, "the groups before the FIFO's were not packed"
+        time.sleep(0.1)
+    for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        child.kill()
+    process.wait(timeout=10)
+    kept = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in partial.glob("*.tar")}
+    assert kept and all(name[:2] < "ee" for name in kept)
+
+    write_params(workspace, {"extract": {"workers": 2, "max_bad_fraction": 0.5, "decode_timeout": 2}})
+    extract.main()                                     # decode_timeout is not an input of the packs: a resume
+    frames = workspace / "data/frames"
+    assert {name: (frames / name).stat().st_ino for name in kept} == {name: ino for name, (ino, _) in kept.items()}
+    assert {name: (frames / name).stat().st_mtime_ns for name in kept} == {n: t for n, (_, t) in kept.items()}
+    resumed = {path.name: sha256_file(path) for path in frames.iterdir()}
+    shutil.rmtree(frames)
+    extract.main()                                     # a clean run: the same files, the same bytes
+    assert {path.name: sha256_file(path) for path in frames.iterdir()} == resumed
+    assert json.loads((frames / "report.json").read_text())["videos"][video]["reason"].startswith("decode timed out")
 
 
 def test_a_ray_worker_killed_mid_task_is_retried_by_ray_and_the_stage_completes(workspace):

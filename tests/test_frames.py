@@ -2,20 +2,35 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from stages.data import packs
 from stages.data.frames import load_frames
 
 
-def test_a_rows_videos_come_back_in_order_from_their_shards(tmp_path):
-    clips = [np.full((n, 8, 8, 3), n, dtype=np.uint8) for n in (2, 5)]
-    for index, clip in enumerate(clips):
-        save_file({"frames": clip, "timestamps": np.arange(len(clip), dtype=np.float64)},
-                  str(tmp_path / f"v{index}.safetensors"))
-    row = {"videos": [{"frames": "v1.safetensors"}, {"frames": "v0.safetensors"}]}
-    loaded = load_frames(row, tmp_path)
+def packed_clips(folder, lengths) -> tuple[list[np.ndarray], dict]:
+    """Clips of `lengths` frames, each a shard named like extract's (a sha256), packed as extract packs them."""
+    clips = [np.full((n, 8, 8, 3), n, dtype=np.uint8) for n in lengths]
+    names = [f"{index:02x}{'0' * 62}.safetensors" for index in range(len(clips))]
+    for name, clip in zip(names, clips):
+        save_file({"frames": clip, "timestamps": np.arange(len(clip), dtype=np.float64)}, str(folder / name))
+    return clips, packs.write(folder, [folder / name for name in names], 1 << 20)
+
+
+def test_a_rows_videos_come_back_in_order_from_their_packs(tmp_path):
+    clips, locators = packed_clips(tmp_path, (2, 5))
+    first, second = locators.values()
+    loaded = load_frames({"videos": [{"frames": second}, {"frames": first}]}, tmp_path)
     assert [frames.shape for frames in loaded] == [(5, 8, 8, 3), (2, 8, 8, 3)]
     assert loaded[0].dtype == np.uint8 and np.array_equal(loaded[1], clips[0])
 
 
-def test_a_missing_shard_is_an_error_naming_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
-        load_frames({"videos": [{"frames": "gone.safetensors"}]}, tmp_path)
+def test_a_missing_or_truncated_pack_is_an_error_naming_the_pack_and_the_video(tmp_path):
+    _, locators = packed_clips(tmp_path, (3,))
+    locator = next(iter(locators.values()))
+    row = {"id": "s1", "videos": [{"sha256": "abc", "frames": locator}]}
+    pack = tmp_path / locator["pack"]
+    pack.write_bytes(pack.read_bytes()[:locator["offset"] + 10])
+    with pytest.raises(packs.PackError, match=rf"video abc of sample s1: .*{locator['pack']}: 10 of the"):
+        load_frames(row, tmp_path)
+    pack.unlink()
+    with pytest.raises(packs.PackError, match=rf"video abc of sample s1: .*{locator['pack']}"):
+        load_frames(row, tmp_path)

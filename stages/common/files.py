@@ -7,20 +7,29 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_dir(path):
+def atomic_dir(path, resume: str | None = None):
     """Yield a temporary sibling folder that replaces `path` only when the block succeeds.
 
     A stage that fails halfway thus leaves no half-written output for DVC (or a person) to mistake for a result.
+    With `resume` (a digest of everything the output depends on), the folder a killed or interrupted run of the same
+    inputs left is handed over as it is, for the stage to keep what it finished; one left by other inputs is wiped,
+    and a stage that fails with an error still leaves nothing.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    stamp = partial / ".resume"
+    if resume is None or not stamp.exists() or stamp.read_text() != resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        stamp.write_text(resume)
     try:
         yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as error:
+        if resume is None or not isinstance(error, KeyboardInterrupt):
+            shutil.rmtree(partial, ignore_errors=True)
         raise
+    stamp.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
 
