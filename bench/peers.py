@@ -62,9 +62,10 @@ from packing import mixed_samples  # noqa: E402 (bench/packing.py, beside this s
 from safetensors.numpy import save_file  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
+from stages.common.files import write_json  # noqa: E402
 from stages.common.params import load, seed_everything  # noqa: E402
 from stages.data import packs  # noqa: E402
-from stages.data.frames import load_frames  # noqa: E402
+from stages.data.frames import INDEX, load_frames  # noqa: E402
 from stages.data.video import open_video, pick_frames, probe, sample  # noqa: E402
 from stages.models import vlm  # noqa: E402
 from stages.training.trainer import training_arguments  # noqa: E402
@@ -361,13 +362,11 @@ def mixed_set(folder: Path, count: int) -> Path:
     for row, videos in mixed_samples(count, seed=0):
         for video, frames in zip(row["videos"], videos):
             video["sha256"] = hashlib.sha256(frames.tobytes()).hexdigest()
-            shards.append(folder / "frames" / f"{video['sha256']}.safetensors")
+            video["frames"] = f"{video['sha256']}.safetensors"
+            shards.append(folder / "frames" / video["frames"])
             save_file({"frames": frames}, str(shards[-1]))
         rows.append(row)
-    locators = packs.write(folder / "frames", sorted(set(shards)), 256 << 20)
-    for row in rows:
-        for video in row["videos"]:
-            video["frames"] = locators[f"{video['sha256']}.safetensors"]
+    write_json(folder / "frames" / INDEX, packs.write(folder / "frames", sorted(set(shards)), 256 << 20))
     (folder / "rows.json").write_text(json.dumps(rows))
     return folder / "rows.json"
 

@@ -60,7 +60,7 @@ def run(repo: Path, *args: str) -> float:
 
 def repository(root: Path, layout: str) -> Path:
     """A git + DVC repository whose one stage lays out the shards of `root`/shards in `layout` as data/frames (with
-    the packs, report.json holds each shard's locator, as extract's does)."""
+    the packs, index.json holds each shard's locator, as extract's does)."""
     repo = root / layout
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -70,7 +70,7 @@ def repository(root: Path, layout: str) -> Path:
 import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from stages.data import packs
-(out / "report.json").write_text(json.dumps(packs.write(out, sorted(out.iterdir()), {PACK_BYTES})))"""
+(out / "index.json").write_text(json.dumps(packs.write(out, sorted(out.iterdir()), {PACK_BYTES})))"""
     (repo / "make.py").write_text(f"""import shutil
 from pathlib import Path
 out = Path("data/frames")
@@ -88,9 +88,8 @@ def random_reads(repo: Path, layout: str) -> float:
         targets = sorted(folder.iterdir())
         read = lambda path: load_file(str(path))                                      # noqa: E731
     else:
-        index = json.loads((folder / "report.json").read_text())
-        targets = [index[name] for name in sorted(index)]
-        read = lambda locator: load_shard(locator, folder)                           # noqa: E731
+        targets = sorted(json.loads((folder / "index.json").read_text()))
+        read = lambda name: load_shard(name, folder)                                 # noqa: E731
     picks = random.Random(0).sample(targets, min(RANDOM_READS, len(targets)))
     start = time.perf_counter()
     for target in picks:

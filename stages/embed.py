@@ -11,6 +11,7 @@ from pathlib import Path
 
 from stages.common.files import atomic_dir, read_jsonl, write_json
 from stages.common.params import load, seed_everything
+from stages.data.frames import locate
 
 MANIFEST = Path("data/manifest")
 OUT = Path("data/vision_cache")
@@ -62,7 +63,7 @@ def build(p: dict, seed: int, train_rows: list[dict], val_rows: list[dict], out:
     batches = tqdm(batches, total=-(-len(rows) // BATCH), desc="embed", unit="batch", mininterval=2)
 
     # Save (pack by pack, as the features come)
-    shard_bytes = {video["sha256"]: video["frames"]["length"] for row in rows for video in row["videos"]}
+    shard_bytes = {video["sha256"]: locate(video["frames"])["length"] for row in rows for video in row["videos"]}
     return vision_cache.write(out, vision_cache.record(model, fam, batches), family=p["family"], model=p["model"],
                               tower=vision_cache.digest(vision_cache.tower(model, fam), fam), videos=len(shard_bytes),
                               frame_bytes=sum(shard_bytes.values()))

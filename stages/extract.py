@@ -5,9 +5,9 @@ min_frames..max_frames. Their size: frame_size x frame_size, or the Qwen rule un
 Frames come from decoding the files (never from the generator), so the model sees what a real video gives.
 Output: one safetensors shard per video (uint8 frames, timestamps, frame numbers, 16 kHz audio when asked), inside
 packs of at most `extract.pack_megabytes` (stages/data/packs.py: tar files grouped by sha256 prefix, so DVC tracks a
-few hundred files, not one per video), and data/frames/report.json, the index: per video where its shard is (pack,
-offset, length) and its sha256, what was decoded and the optional transcript and auto-caption, or why it was
-quarantined.
+few hundred files, not one per video); data/frames/index.json, where each shard lies in them (pack, offset, length);
+and data/frames/report.json: per video its shard's name and sha256, what was decoded and the optional transcript and
+auto-caption, or why it was quarantined.
 
 Where it runs: `extract.engine: local` decodes on this machine's cores; `ray` hands the videos to a Ray cluster (the
 one RAY_ADDRESS names, or a local Ray when it is unset), one task per pack group of videos (sharing a sha256 prefix:
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from stages.common.files import atomic_dir, read_jsonl, sha256_file, write_json
 from stages.common.params import load
 from stages.data import packs
-from stages.data.frames import load_shard
+from stages.data.frames import INDEX, load_shard
 from stages.data.video import AUDIO_RATE, VideoError, read_audio, sample, sample_images
 
 RAW = Path("data/raw")
@@ -45,7 +45,7 @@ OUT = Path("data/frames")
 # decoded: report.json's params leave them out, so that its bytes (pinned in dvc.lock) do not move when a limit or the
 # engine does. Each quarantine names the limit it hit.
 NOT_REPORTED = ("decode_timeout", "max_source_pixels", "max_source_frames", "engine")
-DONE = ".done.json"     # a packed group's report entries, beside its packs until the stage ends
+DONE = ".done.json"     # a packed group's report entries and locators, beside its packs until the stage ends
 TASK_RETRIES = 3       # ray: restarts of a decoder whose process died (a crash, a lost node), and tries of its task
 
 
@@ -121,14 +121,15 @@ def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> No
 
 
 def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progress=None) -> dict:
-    """{video: report entry} of every (video, audio, duration) job (sorted by video), on the processes of `pool`.
-    Each group's shards are packed as soon as the group is decoded, so unpacked shards never pile up, and the group's
-    entries are then recorded beside its packs: a rerun after a kill takes them instead of decoding the group again."""
+    """{"entries": {video: report entry}, "locators": {shard: locator}} of every (video, audio, duration) job (sorted
+    by video), on the processes of `pool`. Each group's shards are packed as soon as the group is decoded, so unpacked
+    shards never pile up, and the group's entries and locators are then recorded beside its packs: a rerun after a
+    kill takes them instead of decoding the group again."""
     groups = [(key, list(group)) for key, group in groupby(jobs, key=lambda job: packs.group(Path(job[0]).name))]
-    entries, todo = {}, []
+    done, todo = {"entries": {}, "locators": {}}, []
     for key, group in groups:
         if (out / f"{key}{DONE}").exists():
-            entries.update(json.loads((out / f"{key}{DONE}").read_text()))
+            merge(done, json.loads((out / f"{key}{DONE}").read_text()))
             if progress is not None:
                 progress.update(len(group))
         else:
@@ -142,18 +143,18 @@ def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progr
             decoded[video] = outcome(futures[video], p, out / f"{Path(video).name.split('.')[0]}.safetensors")
             if progress is not None:
                 progress.update()
-        entries.update(pack(decoded, p, out))
-        write_json(out / f"{key}{DONE}.partial", decoded)
+        shards = [out / entry["shard"] for entry in decoded.values() if entry["status"] == "ok"]
+        group_done = {"entries": decoded, "locators": packs.write(out, shards, p["pack_megabytes"] << 20)}
+        write_json(out / f"{key}{DONE}.partial", group_done)
         os.replace(out / f"{key}{DONE}.partial", out / f"{key}{DONE}")
-    return entries
+        merge(done, group_done)
+    return done
 
 
-def pack(decoded: dict, p: dict, out: Path) -> dict:
-    """The entries of one group with their shards moved into the group's packs: `shard` becomes the locator."""
-    ok = {entry["shard"]: entry for entry in decoded.values() if entry["status"] == "ok"}
-    for name, locator in packs.write(out, [out / name for name in ok], p["pack_megabytes"] << 20).items():
-        ok[name]["shard"] = locator
-    return decoded
+def merge(done: dict, group_done: dict) -> None:
+    """Add one group's entries and locators to those of the groups done before it."""
+    for part, values in group_done.items():
+        done[part].update(values)
 
 
 class Decoder:
@@ -190,12 +191,12 @@ def decode_ray(jobs: list[tuple], p: dict, out: Path, progress) -> dict:
             groups.setdefault(packs.group(Path(job[0]).name), []).append(job)
         actor = ray.remote(num_cpus=1, max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES)(decoder_class)
         decoders = ActorPool([actor.remote(Path.cwd()) for _ in range(max(int(ray.cluster_resources()["CPU"]), 1))])
-        entries = {}
-        for done in decoders.map_unordered(lambda decoder, group: decoder.decode.remote(group, p, out),
-                                           list(groups.values())):
-            entries.update(done)
-            progress.update(len(done))
-        return entries
+        done = {"entries": {}, "locators": {}}
+        for group_done in decoders.map_unordered(lambda decoder, group: decoder.decode.remote(group, p, out),
+                                                 list(groups.values())):
+            merge(done, group_done)
+            progress.update(len(group_done["entries"]))
+        return done
     finally:
         ray.shutdown()
 
@@ -224,13 +225,14 @@ def main() -> None:
     with atomic_dir(OUT, resume=resume_key(report["params"], jobs)) as out:   # keeps what a killed run finished
         with tqdm(total=len(jobs), desc="extract", unit="video", mininterval=2) as progress:
             if p["engine"] == "ray":
-                entries = decode_ray(jobs, p, out, progress)
+                done = decode_ray(jobs, p, out, progress)
             else:
                 with ProcessPool(max_workers=p["workers"] or os.cpu_count()) as pool:
-                    entries = decode_local(jobs, p, out, pool, progress)
-        report["videos"] = {video: entries[video] for video in videos}
-        for done in out.glob(f"*{DONE}"):
-            done.unlink()
+                    done = decode_local(jobs, p, out, pool, progress)
+        report["videos"] = {video: done["entries"][video] for video in videos}
+        write_json(out / INDEX, done["locators"])
+        for group_done in out.glob(f"*{DONE}"):
+            group_done.unlink()
         bad = sorted(v for v, r in report["videos"].items() if r["status"] != "ok")
         report["summary"] = {"videos": len(videos), "ok": len(videos) - len(bad), "quarantined": len(bad)}
         if videos and len(bad) / len(videos) > p["max_bad_fraction"]:

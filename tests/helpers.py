@@ -231,7 +231,7 @@ def reset_params(repo: Path) -> None:
 
 def exp_run(repo: Path, *settings: str, options: tuple[str, ...] = (), env: dict | None = None) -> str:
     """`dvc exp run` with `settings` ("key=value", each passed as -S) on top of the committed params.yaml and
-    nothing else; `options` go before them (e.g. --queue)."""
+    nothing else; `options` go before them (e.g. --queue, or a target stage)."""
     reset_params(repo)
     return dvc(repo, "exp", "run", *options, *(arg for setting in settings for arg in ("-S", setting)), env=env)
 

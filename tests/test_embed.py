@@ -23,7 +23,8 @@ def test_embed_caches_the_frames_of_every_train_and_val_sample_in_packs(workspac
     folder = workspace / "data/vision_cache"
     index = json.loads((folder / "index.json").read_text())
     rows = read_jsonl(workspace / "data/manifest/train.jsonl") + read_jsonl(workspace / "data/manifest/val.jsonl")
-    shards = {video["sha256"]: video["frames"]["length"] for row in rows for video in row["videos"]}
+    locators = json.loads((workspace / "data/frames/index.json").read_text())
+    shards = {video["sha256"]: locators[video["frames"]]["length"] for row in rows for video in row["videos"]}
     assert (index["enabled"], index["family"], index["videos"]) == (True, "llava", len(shards))
     assert 0 < index["frames"] <= sum(video["num_frames"] for row in rows for video in row["videos"])
     assert index["frame_bytes"] == sum(shards.values())

@@ -29,10 +29,13 @@ def test_one_shard_per_video_with_the_params_frames_in_packs_grouped_by_sha256_p
     assert report["summary"] == {"videos": len(videos), "ok": len(videos), "quarantined": 0}
     files = sorted(p.name for p in (workspace / "data/frames").iterdir())
     groups = {Path(video).name[:2] for video in videos}
-    assert files == sorted([f"{group}-0.tar" for group in groups] + ["report.json"])
+    assert files == sorted([f"{group}-0.tar" for group in groups] + ["index.json", "report.json"])
+    index = json.loads((workspace / "data/frames/index.json").read_text())
+    assert sorted(index) == sorted(entry["shard"] for entry in report["videos"].values())
     for video, entry in report["videos"].items():
-        assert entry["shard"]["pack"] == f"{Path(video).name[:2]}-0.tar"
-        assert sha256(packs.read(workspace / "data/frames", entry["shard"])).hexdigest() == entry["shard_sha256"]
+        locator = index[entry["shard"]]
+        assert locator["pack"] == f"{Path(video).name[:2]}-0.tar"
+        assert sha256(packs.read(workspace / "data/frames", locator)).hexdigest() == entry["shard_sha256"]
     frames = load_shard(entry["shard"], workspace / "data/frames")
     assert frames["frames"].shape == (4, 32, 32, 3)
     assert frames["timestamps"].tolist() == sorted(frames["timestamps"].tolist())

@@ -1,7 +1,10 @@
 """End to end through the real `dvc` CLI, in a temporary git repository holding a copy of this working tree.
 
 The tests share one repository and run in order: the full default run (which must reproduce the committed dvc.lock
-and eval/metrics.json), then what DVC must (not) rerun after it, the remote round trip and queued experiments.
+and eval/metrics.json), then what DVC must (not) rerun after it, the remote round trip, another family, queued
+experiments (DPO and GRPO), the Hub push, LoRA on cached vision features and a killed run. Each family, launcher and
+bad input is tested stage by stage in the other test files: what is here needs DVC itself, and each experiment costs
+CI a minute or more.
 Each experiment starts from the committed params.yaml plus its own settings (helpers.exp_run), never from what an
 earlier test left in the shared workspace. A stage whose params and inputs come back to an earlier run's is restored
 from DVC's run cache instead of run, unless it has an output with `cache: false` (manifest, evaluate): DVC keeps no
@@ -22,7 +25,6 @@ import pytest
 import yaml
 from ruamel.yaml import YAML
 
-from stages.models import vlm
 from tests.fake_hub import FakeHub
 from tests.helpers import (
     ENV,
@@ -78,8 +80,9 @@ def test_default_run_trains_models_that_learned(pipeline):
 
 def test_default_run_reproduces_the_committed_lock_and_metrics(pipeline):
     """The pinned experiment. A change that moves these on purpose commits the new dvc.lock and eval/metrics.json
-    together (README: "Pinned results"). Compared with HEAD's, not the working tree's: a local `make repro` may
-    have overwritten those files."""
+    together (README: "Pinned results"). The data stages' outputs equal those of the clean run that made the
+    committed lock, on another day and often another machine: they are deterministic across clean runs. Compared
+    with HEAD's, not the working tree's: a local `make repro` may have overwritten those files."""
     lock = yaml.safe_load(committed("dvc.lock"))["stages"]
     for stage, outs in pipeline["first_data_hashes"].items():
         assert outs == lock[stage]["outs"], f"{stage}: outputs differ from the committed dvc.lock"
@@ -126,97 +129,8 @@ def test_a_second_clone_gets_every_output_from_the_remote_without_running_a_stag
         assert (second / path).read_bytes() == (first / path).read_bytes()
 
 
-def test_a_train_vlm_param_reruns_only_train_vlm_evaluate_and_push(pipeline):
-    output = exp_run(pipeline["repo"], "train_vlm.learning_rate=0.0005", "train_vlm.max_steps=40")
-    # align_vlm reruns on the new SFT model, but with method none its output is the same: evaluate runs for train_vlm
-    assert ran(output) == {"train_vlm", "align_vlm", "evaluate", "push"}
-    diff = dvc(pipeline["repo"], "metrics", "diff")       # this experiment against the committed default
-    for metric in ("vlm.bleu", "vlm.rouge_l", "vlm.cider_d", "vlm.meteor", "vlm.attribute_accuracy"):
-        assert metric in diff, diff
-
-
-def test_an_extract_param_reruns_extract_and_what_depends_on_frames_not_collect(pipeline):
-    # train_vlm and train_t2v rerun on the new frames: a few steps of each, not the defaults
-    output = exp_run(pipeline["repo"], "extract.frame_size=24", "train_vlm.max_steps=40", "train_t2v.max_steps=10",
-                     "train_t2v.tiny.vae_steps=10", "evaluate_t2v.steps=2")
-    # the manifest is rebuilt but comes out identical (frame size is not in it), so train_seq2seq is skipped
-    assert ran(output) == {"extract", "manifest", "embed", "train_vlm", "align_vlm", "evaluate", "train_t2v",
-                           "evaluate_t2v", "push"}
-
-
-def test_data_stages_are_deterministic_across_clean_runs(pipeline, tmp_path):
-    repo = copy_repository(tmp_path)
-    dvc(repo, "repro", "manifest")
-    assert data_hashes(repo) == pipeline["first_data_hashes"]
-
-
-def test_queued_experiments_run_and_are_listed_with_their_metrics(pipeline):
-    repo = pipeline["repo"]
-    for name, rate in (("lr-high", "0.002"), ("lr-low", "0.0005")):
-        exp_run(repo, f"train_vlm.learning_rate={rate}", "train_vlm.max_steps=30", options=("--queue", "-n", name))
-    dvc(repo, "queue", "start")
-    deadline = time.monotonic() + 900
-    while re.search(r"\b(Queued|Running)\b", dvc(repo, "queue", "status")):
-        assert time.monotonic() < deadline, "queued experiments did not finish in 15 minutes"
-        time.sleep(5)
-    assert "Failed" not in dvc(repo, "queue", "status")
-    table = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv", "--no-pager"))))
-    shown = {row["Experiment"]: row for row in table if row["Experiment"] in ("lr-high", "lr-low")}
-    assert set(shown) == {"lr-high", "lr-low"}
-    for row in shown.values():
-        assert 0 <= float(row["vlm.attribute_accuracy"]) <= 1 and float(row["train_vlm.max_steps"]) == 30
-    assert shown["lr-high"]["train_vlm.learning_rate"] == "0.002"
-
-
-@pytest.mark.parametrize("family", ["smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
-                                    "llava_next_video", "internvl", "instructblip_video"])
-def test_every_vlm_family_trains_end_to_end_and_its_card_answers_as_evaluate_did(pipeline, family, tmp_path):
-    """...and its export's card snippet, pasted verbatim, answers a test video file as evaluate did."""
-    repo = pipeline["repo"]
-    output = exp_run(repo, f"train_vlm.family={family}", "train_vlm.max_steps=60")
-    assert {"train_vlm", "evaluate", "push"} <= ran(output)
-    assert json.loads((repo / "models/vlm/training.json").read_text())["family"] == family
-    losses = [float(line.split("\t")[-1]) for line in
-              (repo / "dvclive/train_vlm/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
-    assert losses[-1] < losses[0] / 2, losses
-    expected = vlm.family(family).MODEL_CLASS.config_class.model_type   # "instructblipvideo" for instructblip_video
-    assert json.loads((repo / "export/vlm/config.json").read_text())["model_type"] == expected
-    printed, evaluated = run_card_snippet(repo, repo / "export/vlm", tmp_path)
-    assert printed == evaluated
-
-
-WEAK_SFT = ("train_vlm.max_steps=150",)   # a weak supervised model (attribute accuracy ~0.5) to align
-
-
-def test_dpo_then_grpo_on_a_weak_sft_model_move_it_the_right_way_in_one_graph(pipeline):
-    """SFT -> DPO / GRPO -> evaluate, shortened: the held-out DPO margin grows, the GRPO reward goes up, evaluate
-    scores the aligned model beside the SFT one and push exports the aligned one. (README: "Preference and reward
-    tuning" has the full-length runs and their gains.)"""
-    repo = pipeline["repo"]
-    output = exp_run(repo, *WEAK_SFT, "align_vlm.method=dpo", "align_vlm.learning_rate=0.0005",
-                     "align_vlm.max_steps=40", "align_vlm.eval_every=10")
-    assert ran(output) == {"train_vlm", "align_vlm", "evaluate", "push"}
-    margins = read_curve(repo / "dvclive/align_vlm/plots/metrics/eval/rewards/margins.tsv")
-    assert [step for step, _ in margins] == [10, 20, 30, 40] and 0 < margins[0][1] < margins[-1][1], margins
-    assert set(json.loads((repo / "eval/metrics.json").read_text())) >= {"vlm", "vlm_sft", "vlm_untrained"}
-    assert "Aligned with DPO (trl) by the `align_vlm` stage" in (repo / "export/vlm/README.md").read_text()
-
-    # 4 prompts x 8 sampled answers per step: measured here, the sampled answers' attribute reward rises from 0.38
-    # to 0.42 (first and last 10 steps) at learning rates 1e-4 and 2e-4 and at 8 prompts per step alike
-    output = exp_run(repo, *WEAK_SFT, "align_vlm.method=grpo", "align_vlm.learning_rate=0.0001",
-                     "align_vlm.max_steps=30", "align_vlm.batch_size=32")
-    assert ran(output) == {"align_vlm", "evaluate", "push"}       # the weak SFT model comes from the run cache
-    curves = repo / "dvclive/align_vlm/plots/metrics/train"
-    reward = [value for _, value in read_curve(curves / "rewards/attribute/mean.tsv")]
-    assert sum(reward[-10:]) > sum(reward[:10]), reward
-    assert read_curve(curves / "kl.tsv")
-
-
 def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
-    repo = pipeline["repo"]
-    # back to the default run's outputs (the trainings come from the run cache), so that the push params alone differ
-    reset_params(repo)
-    dvc(repo, "repro")
+    repo = pipeline["repo"]            # still at the default run's outputs: the push params alone differ
     server, token = FakeHub(), f"hf_FAKE_{secrets.token_hex(12)}"
     env = {**ENV, "HF_TOKEN": token, "HF_ENDPOINT": server.url, "HF_USER_ID": "alice"}
     try:
@@ -239,6 +153,78 @@ def test_a_hub_push_uses_the_token_and_writes_it_nowhere(pipeline):
     assert token not in output
     leaks = [str(path) for path in repo.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
     assert leaks == []
+
+
+def test_a_train_vlm_param_reruns_only_train_vlm_evaluate_and_push_and_the_card_answers_as_evaluate_did(
+        pipeline, tmp_path):
+    """Another family (test_push.py takes each one through the same stages in-process) through `dvc exp run`: it
+    learns, it is scored beside the default, and its export's card snippet, pasted verbatim, answers a test video
+    file as evaluate did."""
+    repo = pipeline["repo"]
+    output = exp_run(repo, "train_vlm.family=qwen2_5_vl", "train_vlm.max_steps=60")
+    # align_vlm reruns on the new SFT model, but with method none its output is the same: evaluate runs for train_vlm
+    assert ran(output) == {"train_vlm", "align_vlm", "evaluate", "push"}
+    assert json.loads((repo / "models/vlm/training.json").read_text())["family"] == "qwen2_5_vl"
+    losses = [loss for _, loss in read_curve(repo / "dvclive/train_vlm/plots/metrics/train/loss.tsv")]
+    assert losses[-1] < losses[0] / 2, losses
+    assert json.loads((repo / "export/vlm/config.json").read_text())["model_type"] == "qwen2_5_vl"
+    diff = dvc(repo, "metrics", "diff")       # this experiment against the committed default
+    for metric in ("vlm.bleu", "vlm.rouge_l", "vlm.cider_d", "vlm.meteor", "vlm.attribute_accuracy"):
+        assert metric in diff, diff
+    printed, evaluated = run_card_snippet(repo, repo / "export/vlm", tmp_path)
+    assert printed == evaluated
+
+
+def test_an_extract_param_reruns_extract_and_leaves_out_of_date_what_reads_frames_not_collect_or_seq2seq(pipeline):
+    repo = pipeline["repo"]
+    output = exp_run(repo, "extract.frame_size=24", options=("manifest",))
+    assert ran(output) == {"extract", "manifest"}
+    # The manifest is rebuilt but comes out identical (it names each video's shard, not where the shard lies in the
+    # packs): the stages that read frames are out of date, train_seq2seq (the manifest alone) is not
+    status = json.loads(dvc(repo, "status", "--json"))
+    assert set(status) == {"embed", "train_vlm", "train_t2v", "evaluate_t2v", "evaluate", "push"}, status
+
+
+WEAK_SFT = ("train_vlm.max_steps=150",)   # a weak supervised model (attribute accuracy ~0.5) to align
+
+
+def test_dpo_and_grpo_queued_on_a_weak_sft_model_move_it_the_right_way_in_one_graph(pipeline):
+    """SFT -> DPO / GRPO -> evaluate as two queued experiments, shortened: `dvc exp show` lists both with their
+    metrics; applied to the workspace, the DPO one shows its held-out margin growing, evaluate scoring the aligned
+    model beside the SFT one and push exporting the aligned one; the GRPO one shows its reward going up. (README:
+    "Preference and reward tuning" has the full-length runs and their gains.)"""
+    repo = pipeline["repo"]
+    exp_run(repo, *WEAK_SFT, "align_vlm.method=dpo", "align_vlm.learning_rate=0.0005", "align_vlm.max_steps=40",
+            "align_vlm.eval_every=10", options=("--queue", "-n", "dpo"))
+    # 4 prompts x 8 sampled answers per step: measured here, the sampled answers' attribute reward rises from 0.38
+    # to 0.42 (first and last 10 steps) at learning rates 1e-4 and 2e-4 and at 8 prompts per step alike
+    exp_run(repo, *WEAK_SFT, "align_vlm.method=grpo", "align_vlm.learning_rate=0.0001", "align_vlm.max_steps=30",
+            "align_vlm.batch_size=32", options=("--queue", "-n", "grpo"))
+    dvc(repo, "queue", "start")
+    deadline = time.monotonic() + 1200
+    while re.search(r"\b(Queued|Running)\b", dvc(repo, "queue", "status")):
+        assert time.monotonic() < deadline, "queued experiments did not finish in 20 minutes"
+        time.sleep(5)
+    assert "Failed" not in dvc(repo, "queue", "status")
+    table = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv", "--no-pager"))))
+    shown = {row["Experiment"]: row for row in table if row["Experiment"] in ("dpo", "grpo")}
+    assert {name: row["align_vlm.method"] for name, row in shown.items()} == {"dpo": "dpo", "grpo": "grpo"}
+    assert all(0 <= float(row["vlm.attribute_accuracy"]) <= 1 for row in shown.values())
+    # the queue runs in order: the weak SFT model trained for DPO is restored from the run cache for GRPO
+    assert ran(dvc(repo, "queue", "logs", "dpo")) == {"train_vlm", "align_vlm", "evaluate", "push"}
+    assert ran(dvc(repo, "queue", "logs", "grpo")) == {"align_vlm", "evaluate", "push"}
+
+    dvc(repo, "exp", "apply", "dpo")
+    margins = read_curve(repo / "dvclive/align_vlm/plots/metrics/eval/rewards/margins.tsv")
+    assert [step for step, _ in margins] == [10, 20, 30, 40] and 0 < margins[0][1] < margins[-1][1], margins
+    assert set(json.loads((repo / "eval/metrics.json").read_text())) >= {"vlm", "vlm_sft", "vlm_untrained"}
+    assert "Aligned with DPO (trl) by the `align_vlm` stage" in (repo / "export/vlm/README.md").read_text()
+
+    dvc(repo, "exp", "apply", "grpo")
+    curves = repo / "dvclive/align_vlm/plots/metrics/train"
+    reward = [value for _, value in read_curve(curves / "rewards/attribute/mean.tsv")]
+    assert sum(reward[-10:]) > sum(reward[:10]), reward
+    assert read_curve(curves / "kl.tsv")
 
 
 def test_lora_on_cached_vision_features_is_evaluated_and_exported_as_an_adapter(pipeline):
@@ -275,15 +261,3 @@ def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(pipeline):
     training = json.loads((repo / "models/seq2seq/training.json").read_text())
     assert int(training["resumed_from"].removeprefix("checkpoint-")) >= saved and training["global_step"] == 300
     assert not (repo / "checkpoints").exists() and not list((repo / "models").rglob("checkpoint-*"))
-
-
-def test_the_one_line_stage_command_starts_deepspeed_on_two_processes(pipeline):
-    repo = pipeline["repo"]
-    output = exp_run(repo, "train_seq2seq.distributed.launcher=deepspeed", "train_seq2seq.distributed.num_processes=2",
-                     "train_seq2seq.deepspeed.enabled=true", "train_seq2seq.max_steps=60")
-    # train_vlm is back on the committed params after the LoRA test: restored from the run cache, not run
-    assert {"train_seq2seq", "evaluate", "push"} <= ran(output) and "train_vlm" not in ran(output)
-    training = json.loads((repo / "models/seq2seq/training.json").read_text())
-    assert training["engine"]["processes"] == 2 and training["engine"]["deepspeed_zero_stage"] == 2
-    assert training["global_step"] == 60 and (repo / "models/seq2seq/deepspeed.json").exists()
-    assert json.loads((repo / "eval/metrics.json").read_text())["seq2seq"].keys() >= {"bleu", "cider_d"}

@@ -7,12 +7,12 @@ import torch
 import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from stages import push
+from stages import evaluate, push, train_vlm
 from stages.common.files import read_jsonl
 from stages.data.frames import load_frames
 from stages.models import vlm
 from tests.fake_hub import FakeHub
-from tests.helpers import TINY_VLM, inside, run_card_snippet, write_params
+from tests.helpers import SMALL, TINY_VLM, inside, read_curve, run_card_snippet, write_params
 
 TOKEN = "hf_push_test_token"
 
@@ -196,16 +196,31 @@ def test_hf_target_needs_a_namespace(trained, tmp_path, monkeypatch):
         push.main()
 
 
-def test_the_cards_snippet_pasted_verbatim_answers_a_video_file_as_evaluate_did(exported, tmp_path):
-    """The export records how the model was fed (frames, size, prompt layout, token limit); the card's snippet,
-    run as a user would (PYTHONPATH standing in for `pip install` of this repository), decodes the test video file
-    itself and must print the very prediction evaluate wrote from the extracted frames."""
-    workspace = exported.parent
-    record = json.loads((exported / "vlm" / "video_sampling.json").read_text())
-    assert record["family"] == "llava" and record["max_new_tokens"] == 8 and record["max_length"] == 192
+@pytest.mark.parametrize("name", list(vlm.FAMILIES))
+def test_every_family_trains_and_its_cards_snippet_pasted_verbatim_answers_a_video_file_as_evaluate_did(
+        name, trained, tmp_path):
+    """Each family through the VLM half of the pipeline, stage by stage as dvc runs it (test_pipeline.py drives one
+    of them through `dvc exp run`): train_vlm learns, evaluate answers, push exports the family's own model type and
+    records how the model was fed (frames, size, prompt layout, token limit). The card's snippet, run as a user would
+    (PYTHONPATH standing in for `pip install` of this repository), decodes the test video file itself and must print
+    the very prediction evaluate wrote from the extracted frames."""
+    workspace = workspace_with_lock(trained, tmp_path)
+    write_params(workspace, {**SMALL, "train_vlm": {**SMALL["train_vlm"], "family": name, "max_steps": 40}})
+    with inside(workspace):
+        train_vlm.main()
+        evaluate.main()
+        push.main()
+    losses = [loss for _, loss in read_curve(workspace / "dvclive/train_vlm/plots/metrics/train/loss.tsv")]
+    assert losses[-1] < losses[0] / 2, losses
+    exported = workspace / "export" / "vlm"
+    expected = vlm.family(name).MODEL_CLASS.config_class.model_type   # "instructblipvideo" for instructblip_video
+    assert json.loads((exported / "config.json").read_text())["model_type"] == expected
+    record = json.loads((exported / "video_sampling.json").read_text())
+    assert record["family"] == name and record["max_new_tokens"] == 8 and record["max_length"] == 192
     assert record["sampling"]["num_frames"] == 4 and record["sampling"]["frame_size"] == 32
-    assert record["prompt"] == [{"role": "user", "content": "<video>\n{question}"}]   # frames before the question
-    printed, evaluated = run_card_snippet(workspace, exported / "vlm", tmp_path)
+    if name == "llava":                                 # frames before the question
+        assert record["prompt"] == [{"role": "user", "content": "<video>\n{question}"}]
+    printed, evaluated = run_card_snippet(workspace, exported, tmp_path)
     assert printed == evaluated
 
 

@@ -7,9 +7,9 @@ from diffusers import DiffusionPipeline
 from safetensors.numpy import save_file
 
 from stages import evaluate_t2v, extract, manifest, train_t2v
-from stages.common.files import read_jsonl, write_jsonl
+from stages.common.files import read_jsonl, write_json, write_jsonl
 from stages.data import packs
-from stages.data.frames import load_shard
+from stages.data.frames import INDEX, load_shard
 from stages.models import t2v
 from stages.training import diffusion
 from stages.training.trainer import CHECKPOINTS
@@ -109,7 +109,9 @@ def test_a_video_with_fewer_frames_than_asked_is_left_out_with_the_reason(worksp
     short = {key: value[:2] for key, value in load_shard(rows[0]["videos"][0]["frames"], frames).items()}
     shard = frames / f"zz{rows[0]['videos'][0]['sha256'][2:]}.safetensors"   # packed apart, as zz-0.tar
     save_file(short, str(shard))
-    rows[0]["videos"][0]["frames"] = packs.write(frames, [shard], 1 << 20)[shard.name]
+    index = json.loads((frames / INDEX).read_text())
+    write_json(frames / INDEX, {**index, **packs.write(frames, [shard], 1 << 20)})
+    rows[0]["videos"][0]["frames"] = shard.name
     write_jsonl(workspace / "data/manifest/train.jsonl", rows)
     use(workspace, max_steps=2)
     train_t2v.main()
