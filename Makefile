@@ -18,9 +18,12 @@ $(VENV)/.installed: requirements.txt
 repro: setup          ## run the whole pipeline on the embedded default
 	dvc repro
 
+# Two pytest-xdist workers: tests/test_pipeline.py (one group, in order; its stages use the machine's threads) in one,
+# everything else in the other, one thread each (tests/conftest.py). On 2 cores the unit tests then take what the
+# pipeline's single-threaded parts (process starts, DVC, ffmpeg, metrics) leave idle, instead of adding their time.
 test: setup browser   ## lint, then every test, the end-to-end pipeline test included (what CI runs)
 	ruff check .
-	python -m pytest
+	python -m pytest -n 2 --dist loadgroup
 
 test-fast: setup      ## lint and unit tests only, for quick iterations
 	ruff check .

@@ -4,6 +4,7 @@ Stages read params.yaml and write data/, models/, ... relative to the working di
 real `main()` inside such a folder, exactly as `dvc repro` runs it inside the repository. Plain helpers and
 constants are in helpers.py.
 """
+import os
 import shutil
 from pathlib import Path
 
@@ -60,3 +61,20 @@ def trained(small_data, tmp_path_factory) -> Path:
 def trained_workspace(trained, tmp_path):
     """A private copy of the trained workspace, entered as the working directory."""
     yield from entered_copy(trained, tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_beside_the_pipeline(request, monkeypatch):
+    """`make test` runs the end-to-end module in one pytest-xdist worker and everything else in a second one (its
+    Makefile says why). There, a test outside the end-to-end module computes on one thread and leaves the other
+    core to the pipeline's stages, whose thread count (the machine's, as in any `dvc repro`) is left alone."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or request.node.get_closest_marker("e2e"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")      # and in the processes it starts
+    yield
+    torch.set_num_threads(threads)
