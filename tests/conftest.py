@@ -63,11 +63,22 @@ def trained_workspace(trained, tmp_path):
     yield from entered_copy(trained, tmp_path)
 
 
+PIPELINE = "tests/test_pipeline.py"
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`: `--dist loadfile --no-loadscope-reorder`, the Makefile says why), the
+    end-to-end module goes first, so that the first worker starts its long `dvc repro` at once and the second one
+    takes the other files meanwhile."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(key=lambda item: not item.nodeid.startswith(PIPELINE))   # stable: each file keeps its order
+
+
 @pytest.fixture(autouse=True)
 def one_thread_beside_the_pipeline(request, monkeypatch):
-    """`make test` runs the end-to-end module in one pytest-xdist worker and everything else in a second one (its
-    Makefile says why). There, a test outside the end-to-end module computes on one thread and leaves the other
-    core to the pipeline's stages, whose thread count (the machine's, as in any `dvc repro`) is left alone."""
+    """A test outside the end-to-end module, in a pytest-xdist worker, computes on one thread and leaves the other
+    core to the pipeline's stages in the other worker, whose thread count (the machine's, as in any `dvc repro`)
+    is left alone."""
     if "PYTEST_XDIST_WORKER" not in os.environ or request.node.get_closest_marker("e2e"):
         yield
         return

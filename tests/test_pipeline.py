@@ -40,7 +40,7 @@ from tests.helpers import (
     wait_for_checkpoint,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]   # one worker, in this order
+pytestmark = pytest.mark.e2e
 ALL = {"collect", "extract", "manifest", "train_seq2seq", "embed", "train_vlm", "align_vlm", "evaluate", "train_t2v",
        "evaluate_t2v", "push"}
 DATA_STAGES = ("collect", "extract", "manifest")
