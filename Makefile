@@ -18,14 +18,9 @@ $(VENV)/.installed: requirements.txt
 repro: setup          ## run the whole pipeline on the embedded default
 	dvc repro
 
-# Two pytest-xdist workers, each test file whole on one of them: tests/test_pipeline.py first (tests/conftest.py puts
-# it there; its stages use the machine's threads) and the other files meanwhile on the second worker, one thread
-# each. On 2 cores the unit tests then take what the pipeline's single-threaded parts (process starts, DVC, ffmpeg,
-# metrics) leave idle, instead of adding their time. (--dist loadgroup would say this with a mark, but xdist 3.8's
-# grouping does not take effect under pytest 9.2: it renames a node attribute that pytest 9 no longer reads.)
 test: setup browser   ## lint, then every test, the end-to-end pipeline test included (what CI runs)
 	ruff check .
-	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	python -m pytest
 
 test-fast: setup      ## lint and unit tests only, for quick iterations
 	ruff check .

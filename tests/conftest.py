@@ -4,7 +4,6 @@ Stages read params.yaml and write data/, models/, ... relative to the working di
 real `main()` inside such a folder, exactly as `dvc repro` runs it inside the repository. Plain helpers and
 constants are in helpers.py.
 """
-import os
 import shutil
 from pathlib import Path
 
@@ -62,30 +61,3 @@ def trained_workspace(trained, tmp_path):
     """A private copy of the trained workspace, entered as the working directory."""
     yield from entered_copy(trained, tmp_path)
 
-
-PIPELINE = "tests/test_pipeline.py"
-
-
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test`: `--dist loadfile --no-loadscope-reorder`, the Makefile says why), the
-    end-to-end module goes first, so that the first worker starts its long `dvc repro` at once and the second one
-    takes the other files meanwhile."""
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        items.sort(key=lambda item: not item.nodeid.startswith(PIPELINE))   # stable: each file keeps its order
-
-
-@pytest.fixture(autouse=True)
-def one_thread_beside_the_pipeline(request, monkeypatch):
-    """A test outside the end-to-end module, in a pytest-xdist worker, computes on one thread and leaves the other
-    core to the pipeline's stages in the other worker, whose thread count (the machine's, as in any `dvc repro`)
-    is left alone."""
-    if "PYTEST_XDIST_WORKER" not in os.environ or request.node.get_closest_marker("e2e"):
-        yield
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")      # and in the processes it starts
-    yield
-    torch.set_num_threads(threads)
