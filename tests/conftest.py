@@ -60,4 +60,3 @@ def trained(small_data, tmp_path_factory) -> Path:
 def trained_workspace(trained, tmp_path):
     """A private copy of the trained workspace, entered as the working directory."""
     yield from entered_copy(trained, tmp_path)
-
