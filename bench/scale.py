@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from stages.data.frames import load_shard  # noqa: E402
+from stages.data.frames import INDEX, load_shard  # noqa: E402
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 ROUNDS = 3
@@ -70,7 +70,7 @@ def repository(root: Path, layout: str) -> Path:
 import json, sys
 sys.path.insert(0, {str(REPO)!r})
 from stages.data import packs
-(out / "index.json").write_text(json.dumps(packs.write(out, sorted(out.iterdir()), {PACK_BYTES})))"""
+(out / {INDEX!r}).write_text(json.dumps(packs.write(out, sorted(out.iterdir()), {PACK_BYTES})))"""
     (repo / "make.py").write_text(f"""import shutil
 from pathlib import Path
 out = Path("data/frames")
@@ -88,7 +88,7 @@ def random_reads(repo: Path, layout: str) -> float:
         targets = sorted(folder.iterdir())
         read = lambda path: load_file(str(path))                                      # noqa: E731
     else:
-        targets = sorted(json.loads((folder / "index.json").read_text()))
+        targets = sorted(json.loads((folder / INDEX).read_text()))
         read = lambda name: load_shard(name, folder)                                 # noqa: E731
     picks = random.Random(0).sample(targets, min(RANDOM_READS, len(targets)))
     start = time.perf_counter()
