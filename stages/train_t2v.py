@@ -50,7 +50,7 @@ def build_tiny(fam, p: dict, rows: list[dict], clips: np.ndarray, seed: int, out
     pipe = fam.PIPELINE(**fam.build_tiny(tiny, tokenizer, clips.shape[2], clips.shape[1]))
     check_shape(fam, pipe, clips)   # before the VAE trains on clips it would misread
     losses = diffusion.train_vae(pipe, fam, clips, tiny["vae_steps"], tiny["vae_batch_size"],
-                                 tiny["vae_learning_rate"], seed)
+                                 tiny["vae_learning_rate"], tiny["vae_foreground_weight"], seed)
     pipe.save_pretrained(out)
     print(f"train_t2v: tiny VAE, {tiny['vae_steps']} steps, reconstruction loss {losses[0]} -> {losses[-1]}")
     return out

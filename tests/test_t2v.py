@@ -62,6 +62,18 @@ def test_zero_terminal_snr_v_prediction_sees_pure_noise_at_the_last_step_and_tar
     assert torch.allclose(target[1], alpha_bar.sqrt() * noise[0] - (1 - alpha_bar).sqrt() * x0[0])
 
 
+def test_the_vae_weighs_the_subject_by_its_distance_from_the_frames_median_colour():
+    frame = torch.full((1, 3, 8, 8), -0.8)                # a dark background ...
+    frame[0, :, 2:4, 3:6] = torch.tensor([0.9, -0.9, -0.9]).view(3, 1, 1)   # ... and a red block of 6 pixels
+    frame[0, 0, 7, 7] = -0.75                             # noise on the background is not the subject
+    weights = diffusion.foreground_weights(frame, 30.0)
+    assert weights.shape == (1, 1, 8, 8)
+    assert (weights[0, 0, 2:4, 3:6] == 31).all() and weights.sum() == 64 + 6 * 30
+    clip = frame[:, :, None].repeat(2, 1, 3, 1, 1)         # a video VAE's input [b, 3, f, h, w]: per frame alike
+    assert (diffusion.foreground_weights(clip, 30.0) == weights[:, :, None]).all()
+    assert (diffusion.foreground_weights(frame, 0.0) == 1).all()
+
+
 @pytest.mark.parametrize("name,frames,side,rule", [
     ("wan", 4, 32, "4k \\+ 1 frames"), ("wan", 5, 36, "multiples of 8"),
     ("animatediff", 4, 36, "multiples of 8"), ("animatediff", 40, 32, "holds 32")])
