@@ -46,7 +46,7 @@ ALL = {"collect", "extract", "manifest", "train_seq2seq", "embed", "train_vlm", 
 DATA_STAGES = ("collect", "extract", "manifest")
 PINNED_METRICS = ("eval/metrics.json", "eval/t2v/metrics.json")   # eval/metrics.tolerance.json covers both
 # The default text-to-video model (AnimateDiff, 400 steps) learns colour, not yet motion (README: Text-to-video)
-T2V_COLOR_GAIN = 0.3    # measured 0.51 (0.583 against 0.069); chance noise on 72 clips is about 0.045
+T2V_COLOR_GAIN = 0.3    # measured 0.51-0.72 over the pin's five runs (README); chance noise on 72 clips is about 0.045
 
 
 def data_hashes(repo: Path) -> dict:
