@@ -98,8 +98,9 @@ def to_pixels(clips: np.ndarray) -> torch.Tensor:
 
 def train_vae(pipe, fam, clips: np.ndarray, steps: int, batch: int, learning_rate: float, foreground: float,
               seed: int) -> list[float]:
-    """Train the tiny default's VAE to reconstruct the training clips (MSE, with a KL weight small enough to keep
-    the latents informative), then store its latent normalisation. Returns the loss every 50 steps.
+    """Train the tiny default's VAE to reconstruct the training clips (squared error, weighted to the subject by
+    `foreground_weights`, with a KL weight small enough to keep the latents informative), then store its latent
+    normalisation. Returns the loss every 50 steps.
 
     A warm-up to `learning_rate` and a cosine decay to 0, over small batches: at a constant rate the colours
     keep wobbling around their values, and a blob's colour is what the clips' captions name. The default's image
@@ -128,6 +129,9 @@ def train_vae(pipe, fam, clips: np.ndarray, steps: int, batch: int, learning_rat
     return losses
 
 
+FOREGROUND_DISTANCE = 0.3   # summed |RGB - median| on the [-1, 1] scale (about 38 of 255): the blob, not the noise
+
+
 def foreground_weights(pixels: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-pixel weights of the VAE's reconstruction error: 1 + `weight` where a pixel's colour is far from its
     frame's median colour (the background, in a clip whose subject covers less than half the frame), else 1.
@@ -138,9 +142,6 @@ def foreground_weights(pixels: torch.Tensor, weight: float) -> torch.Tensor:
     background = pixels.flatten(-2).median(-1).values[..., None, None]
     far = (pixels - background).abs().sum(1, keepdim=True) > FOREGROUND_DISTANCE
     return 1 + weight * far.to(pixels.dtype)
-
-
-FOREGROUND_DISTANCE = 0.3   # summed |RGB - median| on the [-1, 1] scale (about 38 of 255): the blob, not the noise
 
 
 @torch.no_grad()
