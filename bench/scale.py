@@ -38,6 +38,9 @@ sys.path.insert(0, str(REPO))
 from stages.data.frames import INDEX, load_shard  # noqa: E402
 
 DVC = str(Path(sys.executable).with_name("dvc"))
+# this venv's tools first; no RAY_ADDRESS, so that engine ray starts a local Ray here
+ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+       "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 ROUNDS = 3
 RANDOM_READS = 2000
 PACK_BYTES = 256 << 20      # extract.pack_megabytes' default
@@ -60,8 +63,7 @@ def shards(folder: Path, count: int) -> list[Path]:
 
 def run(repo: Path, *args: str) -> float:
     start = time.perf_counter()
-    subprocess.run([DVC, *args], cwd=repo, check=True, capture_output=True,
-                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    subprocess.run([DVC, *args], cwd=repo, check=True, capture_output=True, env=ENV)
     return time.perf_counter() - start
 
 
@@ -122,8 +124,6 @@ def measure(root: Path, layout: str) -> dict:
 
 def extraction() -> dict:
     """`extract`'s videos per second on the default's clips, engine local against ray, in the same run."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
     with tempfile.TemporaryDirectory() as scratch:
         clone = Path(scratch) / "repo"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -138,7 +138,7 @@ def extraction() -> dict:
                 for folder in ("data/frames", "data/frames.partial"):
                     shutil.rmtree(clone / folder, ignore_errors=True)
                 start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "stages.extract"], cwd=clone, env=env, check=True,
+                subprocess.run([sys.executable, "-m", "stages.extract"], cwd=clone, env=ENV, check=True,
                                capture_output=True)
                 seconds.append(time.perf_counter() - start)
             summary = json.loads((clone / "data/frames/report.json").read_text())["summary"]
