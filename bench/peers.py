@@ -2,7 +2,8 @@
 its own venv (bench/.peers/<peer>/), on the same files: N uniform frames at 224 x 224 px.
 
 Decoders (the same frame indices for every one, where the peer takes indices):
-- ours: stages.data.video.sample (PyAV, a packet index, seeks past GOPs, skips far non-reference frames, swscale);
+- ours: stages.data.video.sample (PyAV, a packet index, seeks past GOPs, never decodes a frame that is neither wanted
+  nor referred to, swscale on a thread of its own);
 - torchcodec's VideoDecoder, seek_mode "exact" and "approximate", get_frames_at(indices), then resized;
 - qwen-vl-utils' fetch_video (nframes=N, resized 224 x 224), with the decord reader it recommends;
 - LLaMA-Factory's PyAV loop, from the installed llamafactory package (its plugin's _regularize_videos: decode
@@ -11,9 +12,11 @@ torchcodec needs FFmpeg's shared libraries, which this machine lacks: the bench 
 (FFmpeg 8) under their plain names in bench/.peers/ffmpeg-libs and hands torchcodec that folder. A peer that fails
 to install or to run is recorded with the reason, never skipped silently.
 
-Each decoder runs in its own process, one video at a time, ROUNDS rounds after a warm-up call; the median round
-counts. Only the ratios mean something across machines: `decode.<kind>.ratio_vs_fastest_peer` is the fastest peer's
-time divided by ours (goal: >= 1.5 on every kind).
+Each decoder, ours included, runs in a fresh process of its own for each round (a warm-up call, then one timed pass
+over the videos, one at a time), and the rounds go round-robin over the decoders, so that a drift in the machine's
+speed falls on every decoder alike; the median of ROUNDS rounds counts. Only the ratios mean something across
+machines: `decode.<kind>.ratio_vs_fastest_peer` is the fastest peer's time divided by ours (goal: >= 1.5 on every
+kind).
 
 Training (`--part train`): our train_vlm against TRL's SFTTrainer (what the Qwen2.5-VL multi-video trainer we
 replace uses) and LLaMA-Factory's trainer, each in its own venv, on the same tiny Qwen2-VL saved by path, the same
@@ -48,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import av
@@ -66,13 +68,13 @@ from stages.common.files import write_json  # noqa: E402
 from stages.common.params import load, seed_everything  # noqa: E402
 from stages.data import packs  # noqa: E402
 from stages.data.frames import INDEX, load_frames  # noqa: E402
-from stages.data.video import open_video, pick_frames, probe, sample  # noqa: E402
+from stages.data.video import open_video, pick_frames, probe  # noqa: E402
 from stages.models import vlm  # noqa: E402
 from stages.training.trainer import training_arguments  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 PEERS_DIR = REPO / "bench/.peers"
-FRAMES, SIDE, ROUNDS = 16, 224, 3
+FRAMES, SIDE, ROUNDS = 16, 224, 5
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]   # the project's pins, from this machine's disk
 PEERS = {   # peer -> what its venv installs
     "torchcodec": [*TORCH, "torchcodec"],
@@ -111,6 +113,16 @@ def indices_of(path: Path) -> list[int]:
 # Each peer's decoder, run in its own venv: reads {"videos": [[path, indices]], "rounds"} on stdin, prints
 # {"seconds": [per round], "shape": [...]} or {"error": ...}.
 RUNNERS = {
+    "ours": """
+        import sys
+        sys.path.insert(0, REPO)
+        from pathlib import Path
+        from stages.data.video import sample
+        def decode(path, indices, mode):
+            out = sample(Path(path), {"num_frames": len(indices), "fps": 0, "frame_size": SIDE, "max_pixels": 0})
+            assert out.indices.tolist() == indices
+            return out.frames
+    """,
     "torchcodec": """
         import torch
         from torchcodec.decoders import VideoDecoder
@@ -141,7 +153,7 @@ RUNNERS = {
 }
 HARNESS = """
 import json, statistics, sys, time
-SIDE = {side}
+SIDE, REPO = {side}, {repo!r}
 {runner}
 job = json.load(sys.stdin)
 try:
@@ -187,30 +199,16 @@ def setup(peer: str) -> dict:
     return {"python": str(python)}
 
 
-def run_peer(peer: str, python: str, videos: list, mode: str | None) -> dict:
-    code = HARNESS.format(side=SIDE, runner=textwrap.dedent(RUNNERS[peer]))
+def run_peer(peer: str, python: str, videos: list, mode: str | None, rounds: int) -> dict:
+    code = HARNESS.format(side=SIDE, repo=str(REPO), runner=textwrap.dedent(RUNNERS[peer]))
     bundled = Path(av.__file__).parent.parent / "av.libs"   # what the linked libraries themselves link to
     env = {**os.environ, "LD_LIBRARY_PATH": f"{ffmpeg_libs()}:{bundled}"} if peer == "torchcodec" else dict(os.environ)
-    job = json.dumps({"videos": videos, "rounds": ROUNDS, "mode": mode})
+    job = json.dumps({"videos": videos, "rounds": rounds, "mode": mode})
     out = subprocess.run([python, "-c", code], input=job, capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {"error": f"exit {out.returncode}: {out.stderr.strip()[-600:]}"}
     return json.loads(lines[-1])
-
-
-def ours(videos: list) -> dict:
-    plan = {"num_frames": FRAMES, "fps": 0, "min_frames": 4, "max_frames": 768, "frame_size": SIDE, "max_pixels": 0,
-            "min_pixels": 0}
-    sample(Path(videos[0][0]), plan)
-    seconds = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for path, indices in videos:
-            out = sample(Path(path), plan)
-            assert out.indices.tolist() == indices
-        seconds.append(time.perf_counter() - start)
-    return {"seconds": seconds, "shape": list(out.frames.shape)}
 
 
 # ---------------------------------------------------------------- training
@@ -474,23 +472,25 @@ def compare_training(results: dict) -> dict:
 
 def decoding(installed: dict, quick: bool) -> dict:
     """Each decoder on each kind of video; prints the table."""
-    decoders = [("ours", None, None), ("torchcodec exact", "torchcodec", "exact"),
+    decoders = [("ours", "ours", None), ("torchcodec exact", "torchcodec", "exact"),
                 ("torchcodec approximate", "torchcodec", "approximate"), ("qwen-vl-utils", "qwen-vl-utils", None),
                 ("llamafactory", "llamafactory", None)]
     kinds = {}
     with tempfile.TemporaryDirectory() as scratch:
         for kind, paths in corpus(Path(scratch), quick).items():
             videos = [[str(path), indices_of(path)] for path in paths]
-            results = {}
-            for name, peer, mode in decoders:
-                if peer is None:
-                    results[name] = ours(videos)
-                elif "error" in installed[peer]:
-                    results[name] = {"error": installed[peer]["error"]}
-                else:
-                    results[name] = run_peer(peer, installed[peer]["python"], videos, mode)
-                if "seconds" in results[name]:
-                    results[name]["median_s"] = statistics.median(results[name]["seconds"])
+            results = {name: installed[peer] for name, peer, _ in decoders if "error" in installed.get(peer, {})}
+            for _ in range(ROUNDS):   # round-robin: one round of each decoder in turn
+                for name, peer, mode in decoders:
+                    if "error" in results.get(name, {}):
+                        continue
+                    python = sys.executable if peer == "ours" else installed[peer]["python"]
+                    one = run_peer(peer, python, videos, mode, rounds=1)
+                    results[name] = one if "error" in one else {
+                        "seconds": results.get(name, {}).get("seconds", []) + one["seconds"], "shape": one["shape"]}
+            for result in results.values():
+                if "seconds" in result:
+                    result["median_s"] = statistics.median(result["seconds"])
             timed = {name: r["median_s"] for name, r in results.items() if "median_s" in r and name != "ours"}
             fastest = min(timed, key=timed.get) if timed else None
             kinds[kind] = {"videos": len(paths), "decoders": results, "fastest_peer": fastest,

@@ -6,7 +6,10 @@
 - `listing` reads "<path or URL> <sha256>" lines: videos anywhere (local, http(s), any fsspec URL), checked against
   their sha256; DVC depends on the listing file alone, never on the videos (the kind for large sets).
 
-Every video is stored once, content-addressed, as data/raw/videos/<sha256><ext>.
+Every video is stored once, content-addressed, as videos/<sha256><ext> (the name samples.jsonl gives it), inside the
+packs of data/raw/videos/ (stages/data/packs.py: tar files grouped by sha256 prefix, at most
+`collect.pack_megabytes` each, so DVC tracks a few hundred files, not one per video); data/raw/videos/index.json says
+where each one lies.
 data/raw/samples.jsonl holds one sample per row: its videos, the conversation or question and caption, the text
 metadata the seq2seq model learns from, and the split. Everything follows from `base.seed`, so two runs give identical
 bytes, on any machine.
@@ -15,9 +18,9 @@ data/raw/rejects.jsonl lists every row or video of the other sources that could 
 from collections import Counter
 from pathlib import Path
 
-from stages.common.files import atomic_dir, jsonl_line
+from stages.common.files import atomic_dir, jsonl_line, write_json
 from stages.common.params import load
-from stages.data import sources, synthetic
+from stages.data import packs, sources, synthetic
 
 OUT = Path("data/raw")
 
@@ -35,6 +38,9 @@ def main() -> None:
         for kind, row in rows(p, seed, out / "videos"):
             (samples if kind == "sample" else rejects).write(jsonl_line(row))
             counts[kind] += 1
+        # Pack: each video was stored on its own as it came; DVC gets a few hundred packs and their index
+        stored = sorted((out / "videos").iterdir())
+        write_json(out / "videos" / packs.INDEX, packs.write(out / "videos", stored, p["pack_megabytes"] << 20))
     print(f"collect: {counts['sample']} samples, {counts['reject']} rejected -> {OUT}/")
 
 

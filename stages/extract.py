@@ -2,7 +2,9 @@
 
 Which frames: `extract.num_frames` spread evenly over the video, or `extract.fps` per second within
 min_frames..max_frames. Their size: frame_size x frame_size, or the Qwen rule under `extract.max_pixels`.
-Frames come from decoding the files (never from the generator), so the model sees what a real video gives.
+Frames come from decoding the collected files (never from the generator), so the model sees what a real video gives;
+each is read in place from its pack in data/raw/videos/ (a pack missing or cut short stops the stage, naming it and
+its videos: a checkout gone wrong, not a bad video).
 Output: one safetensors shard per video (uint8 frames, timestamps, frame numbers, 16 kHz audio when asked), inside
 packs of at most `extract.pack_megabytes` (stages/data/packs.py: tar files grouped by sha256 prefix, so DVC tracks a
 few hundred files, not one per video); data/frames/index.json, where each shard lies in them (pack, offset, length);
@@ -23,6 +25,7 @@ one, so a decoder hung in C code (which no Python exception can reach) holds one
 a decoder that crashes its worker costs that video too, not the run.
 """
 import hashlib
+import io
 import json
 import os
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -40,6 +43,7 @@ from stages.data.frames import INDEX, load_shard
 from stages.data.video import AUDIO_RATE, VideoError, read_audio, sample, sample_images
 
 RAW = Path("data/raw")
+VIDEOS = RAW / "videos"   # collect's packs and their index
 OUT = Path("data/frames")
 # Limits decide whether a video is quarantined, never what a decoded one gives, and the engine decides where it is
 # decoded: report.json's params leave them out, so that its bytes (pinned in dvc.lock) do not move when a limit or the
@@ -58,15 +62,19 @@ def check(p: dict) -> None:
         raise SystemExit("extract: extract.transcribe_model needs extract.audio: true (the audio it transcribes)")
 
 
-def extract_one(video: str, audio: str | None, duration: float | None, p: dict, out: Path) -> dict:
-    """Decode one video into its shard in `out` (packed later); the report entry, or the quarantine reason."""
+def extract_one(video: str, stored: dict, audio: dict | None, duration: float | None, p: dict, out: Path) -> dict:
+    """Decode one video (`stored`: its locator in collect's packs; `audio`: that of a separate sound file) into its
+    shard in `out` (packed later); the report entry, or the quarantine reason."""
     key = Path(video).name.split(".")[0]
     try:
-        path = RAW / video
-        sampled = sample_images(path, p, duration) if path.suffix == ".tar" else sample(path, p)
+        if video.endswith(".tar"):   # frames another tool extracted, packed by collect
+            with io.BufferedReader(packs.Member(VIDEOS, stored)) as archive:
+                sampled = sample_images(archive, p, duration)
+        else:
+            sampled = sample(packs.url(VIDEOS, stored), p)
         arrays = {"frames": sampled.frames, "timestamps": sampled.timestamps, "indices": sampled.indices}
         if p["audio"]:
-            arrays["audio"] = read_audio(RAW / (audio or video), AUDIO_RATE)
+            arrays["audio"] = read_audio(packs.url(VIDEOS, audio or stored), AUDIO_RATE)
     except VideoError as error:
         return {"status": "quarantined", "reason": str(error)}
     # written aside, then renamed: a worker killed at its time limit leaves no half shard under the final name
@@ -121,10 +129,10 @@ def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> No
 
 
 def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progress=None) -> dict:
-    """{"entries": {video: report entry}, "locators": {shard: locator}} of every (video, audio, duration) job (sorted
-    by video), on the processes of `pool`. Each group's shards are packed as soon as the group is decoded, so unpacked
-    shards never pile up, and the group's entries and locators are then recorded beside its packs: a rerun after a
-    kill takes them instead of decoding the group again."""
+    """{"entries": {video: report entry}, "locators": {shard: locator}} of every (video, its locator, its audio's,
+    duration) job (sorted by video), on the processes of `pool`. Each group's shards are packed as soon as the group
+    is decoded, so unpacked shards never pile up, and the group's entries and locators are then recorded beside its
+    packs: a rerun after a kill takes them instead of decoding the group again."""
     groups = [(key, list(group)) for key, group in groupby(jobs, key=lambda job: packs.group(Path(job[0]).name))]
     done, todo = {"entries": {}, "locators": {}}, []
     for key, group in groups:
@@ -134,12 +142,11 @@ def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progr
                 progress.update(len(group))
         else:
             todo.append((key, group))
-    futures = {video: pool.schedule(extract_one, (video, audio, duration, p, out),
-                                    timeout=pool_timeout(p["decode_timeout"]))
-               for _, group in todo for video, audio, duration in group}
+    futures = {job[0]: pool.schedule(extract_one, (*job, p, out), timeout=pool_timeout(p["decode_timeout"]))
+               for _, group in todo for job in group}
     for key, group in todo:
         decoded = {}
-        for video, _, _ in group:
+        for video, *_ in group:
             decoded[video] = outcome(futures[video], p, out / f"{Path(video).name.split('.')[0]}.safetensors")
             if progress is not None:
                 progress.update()
@@ -201,6 +208,22 @@ def decode_ray(jobs: list[tuple], p: dict, out: Path, progress) -> dict:
         ray.shutdown()
 
 
+def stored_files(names: list[str]) -> dict[str, dict]:
+    """{name as samples.jsonl gives it: its locator in collect's packs}; the stage stops, before any work, on an index
+    that cannot be read or lacks a name, or a pack that is missing or cut short."""
+    try:
+        index = packs.read_index(VIDEOS)
+        missing = sorted(name for name in names if Path(name).name not in index)
+        if missing:
+            raise packs.PackError(f"{VIDEOS / packs.INDEX} lacks {len(missing)} of the files that "
+                                  f"{RAW / 'samples.jsonl'} names, first {missing[0]}: data/raw is not one collect's")
+        stored = {name: index[Path(name).name] for name in names}
+        packs.check(VIDEOS, stored)
+    except packs.PackError as error:
+        raise SystemExit(f"extract: {error}") from None
+    return stored
+
+
 def resume_key(params: dict, jobs: list[tuple]) -> str:
     """What a killed run's finished packs must share with this run to be kept: the params, the videos (named by their
     sha256) and the code that decodes and packs them."""
@@ -218,10 +241,11 @@ def main() -> None:
     videos = sorted({video for sample in samples for video in sample["videos"]})
     audio = {s["videos"][0]: s["audio"] for s in samples if s.get("audio") and s["videos"]}
     duration = {video: s.get("meta", {}).get("duration") for s in samples for video in s["videos"]}
+    stored = stored_files([*videos, *audio.values()])
 
     # Decode, on every core of this machine or of the Ray cluster: each worker writes its own shards
     report = {"params": {key: value for key, value in p.items() if key not in NOT_REPORTED}, "videos": {}}
-    jobs = [(video, audio.get(video), duration[video]) for video in videos]
+    jobs = [(video, stored[video], stored.get(audio.get(video)), duration[video]) for video in videos]
     with atomic_dir(OUT, resume=resume_key(report["params"], jobs)) as out:   # keeps what a killed run finished
         with tqdm(total=len(jobs), desc="extract", unit="video", mininterval=2) as progress:
             if p["engine"] == "ray":

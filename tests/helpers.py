@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import imageio_ffmpeg
 import numpy as np
 from ruamel.yaml import YAML
 
-from stages.common.files import read_jsonl, write_jsonl
+from stages.common.files import read_jsonl, write_json, write_jsonl
+from stages.data import packs
 from stages.data.formats import VIDEO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +76,42 @@ def make_video(path, seconds=2, size="64x48", rate=8, codec="libx264", extra=(),
     return path
 
 
+def add_collected(workspace, files: list[Path]) -> list[str]:
+    """`files` stored as collect stores videos, in a pack (of their own) of data/raw/videos/ and in its index; their
+    names as samples.jsonl gives them."""
+    folder = workspace / "data/raw/videos"
+    index = packs.read_index(folder) | packs.write_pack(folder, f"added-{files[0].name}.tar", files)
+    write_json(folder / packs.INDEX, index)
+    return [f"videos/{path.name}" for path in files]
+
+
+def add_hanging(workspace, name: str) -> str:
+    """A collected file whose pack is a named pipe nobody writes: opening it blocks in the kernel, out of Python's
+    reach, as a hung decoder would; its name as samples.jsonl gives it."""
+    folder = workspace / "data/raw/videos"
+    os.mkfifo(folder / f"{name}.fifo")
+    write_json(folder / packs.INDEX, {**packs.read_index(folder), name: {"pack": f"{name}.fifo", "offset": 0,
+                                                                        "length": 4096}})
+    return f"videos/{name}"
+
+
+def collected_file(workspace, name: str) -> Path:
+    """The collected file `name` (videos/<sha256><ext>, as samples.jsonl gives it) copied out of its pack, as a user's
+    own file would be given to a tool."""
+    folder = workspace / "data/raw/videos"
+    path = Path(tempfile.gettempdir()) / "collected" / Path(name).name
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.with_suffix(".partial").write_bytes(packs.read(folder, packs.read_index(folder)[Path(name).name]))
+        os.replace(path.with_suffix(".partial"), path)
+    return path
+
+
 def add_broken_video(workspace, name="f" * 64 + ".mp4"):
     """A collected sample whose video file is not a video; returns that video's path as samples.jsonl names it."""
-    (workspace / "data/raw/videos" / name).write_bytes(b"not a video")
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / name).write_bytes(b"not a video")
+        add_collected(workspace, [Path(scratch) / name])
     samples = read_jsonl(workspace / "data/raw/samples.jsonl")
     broken = {**samples[0], "id": "broken-0", "videos": [f"videos/{name}"]}
     write_jsonl(workspace / "data/raw/samples.jsonl", samples + [broken])
@@ -244,8 +279,9 @@ def committed(path: str) -> str:
 
 
 def video_file(workspace: Path, row: dict) -> Path:
-    """The collected file of a manifest row's first video."""
-    return next((workspace / "data/raw/videos").glob(row["videos"][0]["sha256"] + ".*"))
+    """The collected file of a manifest row's first video, copied out of its pack."""
+    index = packs.read_index(workspace / "data/raw/videos")
+    return collected_file(workspace, next(name for name in index if name.startswith(row["videos"][0]["sha256"] + ".")))
 
 
 def question_of(row: dict) -> str:

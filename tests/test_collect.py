@@ -1,17 +1,26 @@
+import io
+import json
+from hashlib import sha256
+
 import av
 
 from stages.common.files import read_jsonl, sha256_file
+from stages.data import packs
 from stages.data.synthetic import assign_splits, caption, swapped_caption
 
 
-def test_videos_are_h264_mp4_and_content_addressed(small_data):
+def test_videos_are_h264_mp4_content_addressed_and_packed_by_sha256_prefix(small_data):
     samples = read_jsonl(small_data / "data/raw/samples.jsonl")
     assert len(samples) == 2 * 2 * 2 * 3
+    folder = small_data / "data/raw/videos"
+    index = json.loads((folder / packs.INDEX).read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted({f"{name[:2]}-0.tar" for name in index} | {packs.INDEX})
+    assert sorted(index) == sorted(sample["videos"][0].removeprefix("videos/") for sample in samples)
     for sample in samples:
         (video,) = sample["videos"]
-        path = small_data / "data/raw" / video
-        assert path.name == f"{sha256_file(path)}.mp4"
-        with av.open(str(path)) as container:
+        data = packs.read(folder, index[video.removeprefix("videos/")])
+        assert video == f"videos/{sha256(data).hexdigest()}.mp4"
+        with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             assert stream.codec_context.name == "h264"
             assert (stream.codec_context.width, stream.codec_context.height) == (64, 64)
@@ -40,8 +49,8 @@ def test_collect_is_deterministic(small_data, tmp_path):
     with inside(tmp_path):
         collect.main()
     assert (tmp_path / "data/raw/samples.jsonl").read_bytes() == (small_data / "data/raw/samples.jsonl").read_bytes()
-    again = sorted(p.name for p in (tmp_path / "data/raw/videos").iterdir())
-    assert again == sorted(p.name for p in (small_data / "data/raw/videos").iterdir())
+    again = {p.name: sha256_file(p) for p in (tmp_path / "data/raw/videos").iterdir()}
+    assert again == {p.name: sha256_file(p) for p in (small_data / "data/raw/videos").iterdir()}   # the packs too
 
 
 def test_split_fractions():

@@ -19,7 +19,17 @@ from stages import extract
 from stages.common.files import read_jsonl, sha256_file, write_jsonl
 from stages.data import packs
 from stages.data.frames import load_shard
-from tests.helpers import REPO, TINY_VLM, add_broken_video, build_whisper, ffmpeg, make_video, write_params
+from tests.helpers import (
+    REPO,
+    TINY_VLM,
+    add_broken_video,
+    add_collected,
+    add_hanging,
+    build_whisper,
+    ffmpeg,
+    make_video,
+    write_params,
+)
 
 
 def test_one_shard_per_video_with_the_params_frames_in_packs_grouped_by_sha256_prefix(workspace):
@@ -44,10 +54,8 @@ def test_one_shard_per_video_with_the_params_frames_in_packs_grouped_by_sha256_p
 def test_a_new_video_rewrites_the_pack_of_its_group_only(workspace, tmp_path):
     before = {path.name: sha256_file(path) for path in (workspace / "data/frames").glob("*.tar")}
     samples = read_jsonl(workspace / "data/raw/samples.jsonl")
-    clip = tmp_path / "new.mp4"
-    make_video(clip, seconds=1)
-    name = f"videos/{sha256_file(clip)}.mp4"
-    shutil.copy(clip, workspace / "data/raw" / name)
+    clip = make_video(tmp_path / "new.mp4", seconds=1)
+    (name,) = add_collected(workspace, [clip.rename(tmp_path / f"{sha256_file(clip)}.mp4")])
     write_jsonl(workspace / "data/raw/samples.jsonl", samples + [{**samples[0], "id": "new", "videos": [name]}])
     extract.main()
     after = {path.name: sha256_file(path) for path in (workspace / "data/frames").glob("*.tar")}
@@ -79,6 +87,23 @@ def test_the_ray_engine_writes_the_same_bytes_as_the_local_one_and_quarantines_a
     assert "cannot open" in report["videos"][video]["reason"] and "engine" not in report["params"]
 
 
+def test_a_video_pack_cut_short_or_unindexed_video_stops_the_stage_before_any_work(workspace):
+    """A checkout gone wrong is an error naming the pack and its videos, not a quarantine of valid videos."""
+    before = {path.name: sha256_file(path) for path in (workspace / "data/frames").iterdir()}
+    pack = sorted((workspace / "data/raw/videos").glob("*.tar"))[0]
+    with open(pack, "r+b") as f:
+        f.truncate(1000)
+    shown = rf"\d+ member\(s\): videos/{pack.name[:2]}[0-9a-f]{{62}}\.mp4"
+    with pytest.raises(SystemExit, match=rf"extract: \S+/{pack.name} holds 1000 bytes, its members need \d+: the "
+                                         rf"pack of {shown}"):
+        extract.main()
+    (workspace / "data/raw/videos" / packs.INDEX).write_text("{}")
+    with pytest.raises(SystemExit, match=r"index\.json lacks 24 of the files that data/raw/samples\.jsonl names, "
+                                         r"first videos/[0-9a-f]{64}\.mp4"):
+        extract.main()
+    assert {path.name: sha256_file(path) for path in (workspace / "data/frames").iterdir()} == before
+
+
 def test_too_many_broken_videos_fail_the_stage_and_leave_no_output(workspace):
     add_broken_video(workspace)
     shutil.rmtree(workspace / "data/frames")
@@ -99,8 +124,7 @@ def test_audio_transcripts_and_auto_captions_reach_the_manifest(workspace, tmp_p
     talking = tmp_path / "talking.mp4"
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=8", "-f", "lavfi", "-i", "sine=frequency=300",
            "-t", "2", "-c:v", "libx264", "-c:a", "aac", "-shortest", str(talking))
-    name = f"videos/{sha256_file(talking)}.mp4"
-    shutil.copy(talking, workspace / "data/raw" / name)
+    (name,) = add_collected(workspace, [talking.rename(tmp_path / f"{sha256_file(talking)}.mp4")])
     samples = read_jsonl(workspace / "data/raw/samples.jsonl")
     uncaptioned = {"id": "uncaptioned", "videos": [name], "question": "Describe the video.", "caption": None,
                    "meta": {}, "split": "train"}
@@ -154,11 +178,11 @@ def test_fps_mode_and_the_qwen_size_rule_through_the_stage(workspace):
 # ---------------------------------------------------------------- hostile videos: every decode is bounded
 
 def add_samples(workspace, names) -> list[str]:
-    """One collected sample per file name already placed in data/raw/videos/; their paths as samples.jsonl has them."""
+    """One sample per collected file (`names` as samples.jsonl gives them), appended to samples.jsonl."""
     samples = read_jsonl(workspace / "data/raw/samples.jsonl")
-    added = [{**samples[0], "id": f"hostile-{i}", "videos": [f"videos/{name}"]} for i, name in enumerate(names)]
+    added = [{**samples[0], "id": f"hostile-{i}", "videos": [name]} for i, name in enumerate(names)]
     write_jsonl(workspace / "data/raw/samples.jsonl", samples + added)
-    return [f"videos/{name}" for name in names]
+    return names
 
 
 def run_stage(workspace, limit_s: float) -> float:
@@ -169,13 +193,14 @@ def run_stage(workspace, limit_s: float) -> float:
     return time.monotonic() - started
 
 
-def test_hung_huge_and_endless_videos_are_quarantined_within_their_limits(workspace):
-    videos = workspace / "data/raw/videos"
-    os.mkfifo(videos / ("a" * 64 + ".mp4"))   # nobody writes: opening it blocks in the kernel, out of Python's reach
-    (videos / ("b" * 64 + ".y4m")).write_bytes(b"YUV4MPEG2 W16000 H16000 F25:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(999))
-    make_video(videos / ("c" * 64 + ".mp4"), seconds=3, size="16x16", rate=1000)         # 3000 frames, counted in mp4
-    make_video(videos / ("d" * 64 + ".mkv"), seconds=3, size="16x16", rate=1000)         # mkv: found by the packets
-    fifo, huge, claimed, counted = add_samples(workspace, sorted(p.name for p in videos.glob("[abcd]" * 64 + ".*")))
+def test_hung_huge_and_endless_videos_are_quarantined_within_their_limits(workspace, tmp_path):
+    fifo = add_hanging(workspace, "a" * 64 + ".mp4")
+    header = b"YUV4MPEG2 W16000 H16000 F25:1 Ip A1:1 C420jpeg\nFRAME\n"
+    (tmp_path / ("b" * 64 + ".y4m")).write_bytes(header + bytes(999))
+    make_video(tmp_path / ("c" * 64 + ".mp4"), seconds=3, size="16x16", rate=1000)       # 3000 frames, counted in mp4
+    make_video(tmp_path / ("d" * 64 + ".mkv"), seconds=3, size="16x16", rate=1000)       # mkv: found by the packets
+    huge, claimed, counted = add_collected(workspace, sorted(tmp_path.glob("[bcd]" * 64 + ".*")))
+    add_samples(workspace, [fifo, huge, claimed, counted])
     timeout = 3.0
     write_params(workspace, {"extract": {"decode_timeout": timeout, "max_source_frames": 2000, "workers": 2,
                                          "max_bad_fraction": 0.5}})
@@ -196,8 +221,7 @@ def test_hung_huge_and_endless_videos_are_quarantined_within_their_limits(worksp
 def stage_blocked_on_a_fifo(workspace, extract_params: dict, wait_s: float) -> tuple[subprocess.Popen, str, int]:
     """The extract stage started in the background on the workspace plus one sample whose video is a FIFO nobody
     writes: (the stage process, that video as samples.jsonl names it, the pid of the process blocked opening it)."""
-    os.mkfifo(workspace / "data/raw/videos" / ("e" * 64 + ".mp4"))
-    (video,) = add_samples(workspace, ["e" * 64 + ".mp4"])
+    (video,) = add_samples(workspace, [add_hanging(workspace, "e" * 64 + ".mp4")])
     write_params(workspace, {"extract": {"workers": 2, "max_bad_fraction": 0.5, **extract_params}})
     process = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=workspace,
                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
@@ -265,13 +289,14 @@ def test_a_hung_decoder_holds_its_worker_no_longer_than_decode_timeout(tmp_path,
     """From the moment the worker blocks on the FIFO to the moment it is gone: within the limit, not past it."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/raw/videos").mkdir(parents=True)
-    os.mkfifo(tmp_path / "data/raw/videos" / ("a" * 64 + ".mp4"))
+    os.mkfifo(tmp_path / "data/raw/videos/hung.tar")   # nobody writes: opening it blocks in the kernel
+    stored = {"pack": "hung.tar", "offset": 0, "length": 4096}
     p = {"num_frames": 4, "frame_size": 16, "audio": False, "decode_timeout": 1.5}
     others = {child.pid for child in psutil.Process().children()}   # e.g. METEOR's Java, started by earlier tests
     with ProcessPool(max_workers=1) as pool:
         pool.schedule(len, ("warm",)).result()   # the worker is up before the clock starts
         (worker,) = [child for child in psutil.Process().children() if child.pid not in others]
-        future = pool.schedule(extract.extract_one, (f"videos/{'a' * 64}.mp4", None, None, p, tmp_path),
+        future = pool.schedule(extract.extract_one, (f"videos/{'a' * 64}.mp4", stored, None, None, p, tmp_path),
                                timeout=extract.pool_timeout(p["decode_timeout"]))
         while Path(f"/proc/{worker.pid}/wchan").read_text() != "wait_for_partner":
             time.sleep(0.001)
@@ -304,7 +329,7 @@ def fifo_opener(stage: int) -> int | None:
     ("fifo", "not a file (device or FIFO)"),
 ])
 def test_frame_archives_with_escaping_names_or_links_are_quarantined(workspace, tmp_path, member, reason):
-    tar_path = workspace / "data/raw/videos" / ("f" * 64 + ".tar")
+    tar_path = tmp_path / ("f" * 64 + ".tar")
     image = tmp_path / "frame.png"
     Image.new("RGB", (8, 8), (200, 0, 0)).save(image)
     with tarfile.open(tar_path, "w") as tar:
@@ -319,7 +344,7 @@ def test_frame_archives_with_escaping_names_or_links_are_quarantined(workspace, 
         data = image.read_bytes() if info.isfile() else b""
         info.size = len(data)
         tar.addfile(info, BytesIO(data))
-    (video,) = add_samples(workspace, [tar_path.name])
+    (video,) = add_samples(workspace, add_collected(workspace, [tar_path]))
     write_params(workspace, {"extract": {"max_bad_fraction": 0.5}})
     extract.main()
     entry = json.loads((workspace / "data/frames/report.json").read_text())["videos"][video]

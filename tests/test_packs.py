@@ -1,10 +1,14 @@
+import io
 import os
 import tarfile
 
+import numpy as np
 import pytest
 
 from stages.common.files import sha256_file
 from stages.data import packs
+from stages.data.video import read_audio, sample
+from tests.helpers import ffmpeg
 
 
 def files(folder, sizes: dict[str, int]) -> list:
@@ -74,3 +78,50 @@ def test_a_pack_is_written_aside_and_renamed(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         packs.write(tmp_path, paths, 1 << 20)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in paths)   # kept, unpacked
+
+
+def test_a_packed_video_decodes_as_its_own_file_does_through_libavs_subfile_protocol(tmp_path):
+    """Seeks, the demuxer's index, the keyframe checks (which reopen the file by its name) and the audio: all read
+    the member in place, at an offset past another member."""
+    first = files(tmp_path, {sha("aa", "1"): 3000})
+    clip = tmp_path / sha("aa", "2").replace(".safetensors", ".mp4")
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-f", "lavfi", "-i", "sine=frequency=300", "-t", "12",
+           "-c:v", "libx264", "-g", "50", "-c:a", "aac", "-shortest", str(clip))
+    alone = tmp_path / "alone.mp4"
+    alone.write_bytes(clip.read_bytes())
+    locator = packs.write(tmp_path, [*first, clip], 1 << 20)[clip.name]
+    assert locator["offset"] > 3000
+    plan = {"num_frames": 6, "fps": 0, "frame_size": 24, "max_pixels": 0}
+    packed, own = sample(packs.url(tmp_path, locator), plan), sample(alone, plan)
+    assert np.array_equal(packed.frames, own.frames) and packed.info == own.info
+    assert packed.info["decoded_frames"] < packed.info["total_frames"] / 2   # it seeked, in the member
+    assert np.array_equal(read_audio(packs.url(tmp_path, locator)), read_audio(alone))
+
+
+def test_a_member_reads_as_a_file_of_its_own_and_never_past_its_end(tmp_path):
+    archive = tmp_path / sha("bb", "1").replace(".safetensors", ".tar")
+    with tarfile.open(archive, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("000000.png", "000001.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 700
+            tar.addfile(info, io.BytesIO(bytes(700)))
+    after = files(tmp_path, {sha("bb", "2"): 2000})
+    locators = packs.write(tmp_path, [archive, *after], 1 << 20)
+    with io.BufferedReader(packs.Member(tmp_path, locators[archive.name])) as member:
+        with tarfile.open(fileobj=member, mode="r:") as tar:
+            assert tar.getnames() == ["000000.png", "000001.png"]
+        assert member.seek(0, io.SEEK_END) == locators[archive.name]["length"] and member.read() == b""
+
+
+def test_a_missing_or_short_pack_is_an_error_naming_it_and_its_members(tmp_path):
+    locators = packs.write(tmp_path, files(tmp_path, {sha("cc", "1"): 5000, sha("cc", "2"): 10, sha("dd", "1"): 9}),
+                           1 << 20)
+    packs.check(tmp_path, locators)
+    with open(tmp_path / "cc-0.tar", "r+b") as pack:
+        pack.truncate(6000)
+    with pytest.raises(packs.PackError, match=rf"cc-0\.tar holds 6000 bytes, its members need \d+: the pack of 2 "
+                                              rf"member\(s\): {sha('cc', '1')}, {sha('cc', '2')}"):
+        packs.check(tmp_path, locators)
+    (tmp_path / "dd-0.tar").unlink()
+    with pytest.raises(packs.PackError, match=r"dd-0\.tar cannot be read \(No such file or directory\)"):
+        packs.check(tmp_path, {name: locator for name, locator in locators.items() if name.startswith("dd")})

@@ -13,7 +13,7 @@ from PIL import Image
 from ruamel.yaml import YAML
 
 from stages.common.files import read_jsonl, sha256_file
-from stages.data import sources
+from stages.data import packs, sources
 from tests.helpers import copy_repository, dvc, ffmpeg, make_video, ran
 
 
@@ -285,8 +285,10 @@ def test_every_source_kind_and_format_through_dvc_repro(tmp_path_factory, server
     slow = [r for r in rejects if r["id"] and r["id"].startswith("url-") and "timed out" in r["reason"]]
     assert len(slow) == 1
     assert server.counts["/busy/remote2.mp4"] == 3          # two 429s, then the file
+    stored = packs.read_index(repo / "data/raw/videos")
     for name in collected["s-three"]["videos"] + collected["m-frames"]["videos"]:
-        assert (repo / "data/raw" / name).is_file()
+        data = packs.read(repo / "data/raw/videos", stored[name.removeprefix("videos/")])
+        assert name.removeprefix("videos/").split(".")[0] == hashlib.sha256(data).hexdigest()
     listed = [s for s in collected.values() if s["id"].startswith("listed-")]
     remote = sha256_file(server.folder / "remote1.mp4")
     assert sorted(s["videos"][0] for s in listed) == sorted(

@@ -17,7 +17,7 @@ from safetensors.numpy import load
 from stages.data import packs
 
 FRAMES = Path("data/frames")
-INDEX = "index.json"        # {shard name: locator}, written by extract beside its packs
+INDEX = packs.INDEX         # {shard name: locator}, written by extract beside its packs
 
 
 def locate(name: str, frames_dir: Path = FRAMES) -> dict:

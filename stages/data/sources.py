@@ -6,9 +6,9 @@ sha256 on each line names the video's bytes, so the listing file changes wheneve
 depends on that one file, and DVC never walks the videos themselves, however many there are.
 
 Every video is stored once, content-addressed as videos/<sha256><ext>, whether it came from a folder or a download;
-a folder of already extracted frames (manifest v1) is packed into one uncompressed tar, so DVC still sees one file
-per video. A row or a video that cannot be used becomes a reject record with its source, field and reason; the rows
-beside it go on.
+a folder of already extracted frames (manifest v1) becomes one uncompressed tar, stored alike. collect then packs them
+all (stages/data/packs.py). A row or a video that cannot be used becomes a reject record with its source, field and
+reason; the rows beside it go on.
 """
 import hashlib
 import io

@@ -2,14 +2,14 @@
 
 Sampling never decodes a whole long video: `probe` reads the demuxer's index, checked, or the packets (no decoding)
 to learn every frame's presentation time and where the keyframes are; `sample` then seeks to the keyframe before
-each wanted frame when that skips decoding, decodes forward to it, and converts only the frames it keeps. Frames
-are chosen by time, so variable-frame-rate files are sampled evenly, and rotation metadata is applied as ffmpeg's
-autorotate does.
+each wanted frame when that skips decoding, decodes forward to it (never a frame that is neither wanted nor referred
+to by another), and converts only the frames it keeps. Frames are chosen by time, so variable-frame-rate files are
+sampled evenly, and rotation metadata is applied as ffmpeg's autorotate does.
 """
 import itertools
 import math
-import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import av
@@ -23,8 +23,8 @@ PATCH_FACTOR = 28       # max_pixels mode: sides are multiples of 28 (Qwen2-VL /
 # unless told to be bit-exact; checked with av_force_cpu_flags(0) in tests/test_reproducible.py
 EXACT_BICUBIC = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
 AUDIO_RATE = 16_000    # Hz, mono: what Whisper-style speech models take
-FRAME_THREADS_FROM = 120_000   # pixels per frame from which frames decode on frame threads (open_video)
-SKIP_MARGIN = 8         # frames before a wanted one that are never skipped, plus one per decoding thread
+KEYFRAME, DISCARD = 1, 4   # AVIndexEntry flags: AVINDEX_KEYFRAME, AVINDEX_DISCARD_FRAME (libavformat/avformat.h)
+FRAME_THREADS_FROM = 700_000   # pixels per frame from which frames decode on frame threads (open_video)
 
 
 class VideoError(Exception):
@@ -102,8 +102,9 @@ def open_video(path):
     if stream.codec_context is None:   # a codec id libav has no decoder for (found by tests/test_fuzz.py)
         container.close()
         raise VideoError("no decoder for the video stream's codec")
-    # frame threads pay off from about 360p; below, their start-up on every seek costs more than they save
-    # (measured: 128x72 and 320x180 decode faster on slice threads, 640x360 on frame threads)
+    # frame threads pay off from about 720p; below, their start-up on every seek costs more than they save, and the
+    # core they take is the one the conversion thread uses (sample; measured on 2 cores: 128x72 to 960x540 sample
+    # 6-25 % faster on slice threads, 1280x720 10 % faster on frame threads)
     pixels = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
     stream.thread_type = "AUTO" if pixels >= FRAME_THREADS_FROM else "SLICE"
     return container, stream
@@ -176,7 +177,7 @@ def scanned(container, stream, p: dict) -> tuple[list[int], list[int]]:
 def indexed(container, stream, p: dict) -> tuple[np.ndarray, list[int]] | None:
     """What `scanned` gives, from the demuxer's index (an MP4's sample tables: every frame's decode time, size and
     keyframe flag) and a few packets, or None where the index cannot be checked to agree. Reading the 45,000 packets
-    of a 25-minute clip costs 0.15 s; this, 0.03 s.
+    of a 25-minute clip costs 0.15 s; this, 0.04 s.
 
     The index holds decode times; presentation times are those shifted by the reordering delay, which holds when
     the index has one entry per frame of the header's count, none empty or discarded (edit lists), and a constant
@@ -184,20 +185,19 @@ def indexed(container, stream, p: dict) -> tuple[np.ndarray, list[int]] | None:
     all fall on the shifted times; each keyframe's own presentation time is read from its packet (an open GOP shows
     frames before its keyframe), after a seek that must land on it; both through a second handle of the file. Anything
     else: None, and `scanned` reads all."""
-    entries = stream.index_entries
-    count = len(entries)
+    count = len(stream.index_entries)
     if count < 2 or count != stream.frames:
         return None
     check_frames(count, p)
-    decode_times, key_decode_times = np.empty(count, np.int64), []
-    for index, entry in enumerate(entries):
-        if entry.is_discard or entry.size == 0:
-            return None
-        decode_times[index] = entry.timestamp
-        if entry.is_keyframe:
-            key_decode_times.append(entry.timestamp)
+    entries = stream.index_entries[0:count]   # one slice: a Python object per entry is the cost, made once
+    decode_times = np.fromiter([entry.timestamp for entry in entries], np.int64, count)
+    flags = np.fromiter([entry.flags for entry in entries], np.int64, count)
+    sizes = np.fromiter([entry.size for entry in entries], np.int64, count)
     steps = np.diff(decode_times)
-    if steps[0] <= 0 or steps.min() != steps.max() or not key_decode_times:
+    if (flags & DISCARD).any() or not sizes.all() or steps[0] <= 0 or steps.min() != steps.max():
+        return None
+    key_decode_times = decode_times[(flags & KEYFRAME) != 0].tolist()
+    if not key_decode_times:
         return None
     try:
         return checked_against_packets(container.name, stream.index, decode_times, key_decode_times)
@@ -241,47 +241,59 @@ def keyframe_before(keyframes: np.ndarray, time: float) -> float:
     return keyframes[max(np.searchsorted(keyframes, time + 1e-6, side="right") - 1, 0)]
 
 
-def advance(frames, frame, target: float, context, margin: float | None) -> tuple:
-    """Decode forward to the first frame at or after `target`: (that frame or None at the end, frames decoded,
-    whether non-reference frames were skipped). With a margin, frames no other frame refers to (most B-frames) are
-    skipped while the target is more than `margin` seconds ahead: they cannot be the target, the rest decode alike."""
-    decoded, skipped = 0, False
+def skipped(pts: int | None, wanted: set[int]) -> bool:
+    """Whether the packet of presentation time `pts` may go undecoded when no other frame refers to it (skip_frame
+    NONREF: most B-frames): whenever it is not a wanted frame's."""
+    return pts is not None and pts not in wanted
+
+
+def decoded_from(container, stream, wanted: set[int] | None):
+    """The frames decoded from the container's position on, each packet sent with its own skip_frame: NONREF for a
+    packet `skipped` says may go, so frames nobody wants or refers to are never decoded, the rest exactly as they would
+    be (libav reads skip_frame per packet, frame threads too). `wanted` None: nothing is skipped."""
+    context = stream.codec_context
+    for packet in container.demux(stream):
+        skip = "NONREF" if wanted is not None and skipped(packet.pts, wanted) else "DEFAULT"
+        if context.skip_frame != skip:
+            context.skip_frame = skip
+        yield from context.decode(packet)   # the last, empty packet drains the decoder
+
+
+def advance(frames, frame, target: float) -> tuple:
+    """Decode forward to the first frame at or after `target`: (that frame or None at the end, frames decoded)."""
+    decoded = 0
     while frame is None or frame.time < target - 1e-6:
-        skip = margin is not None and frame is not None and frame.time < target - margin
-        if context.skip_frame != ("NONREF" if skip else "DEFAULT"):
-            context.skip_frame = "NONREF" if skip else "DEFAULT"
-        skipped |= skip
         frame, decoded = next(frames, None), decoded + 1
         if frame is None:
             break
         if frame.time is None:
             raise VideoError("decoded frames carry no timestamps")
-    return frame, decoded, skipped
+    return frame, decoded
 
 
-def decode_at(container, stream, wanted: np.ndarray, keyframes: np.ndarray, step: float, convert) -> tuple[dict, int]:
+def decode_at(container, stream, wanted: np.ndarray, keyframes: np.ndarray, convert) -> tuple[dict, int]:
     """({time: converted frame} for the presentation times `wanted` (sorted), frames decoded).
 
     Seeks only when a keyframe lies between the last decoded frame and the next wanted one, so dense targets cost one
-    forward pass, and skips non-reference frames far from the next wanted one. The skip margin covers the frames in
-    flight (reordering, frame threads); should a wanted frame be skipped anyway, it is decoded again without skips.
+    forward pass, and decodes no frame that is neither wanted nor referred to (`decoded_from`). Should a wanted frame
+    go missing anyway (a decoder that applied a skip late), it is decoded again from its keyframe, skipping nothing.
     """
     base, found, frames, frame, decoded = float(stream.time_base), {}, None, None, 0
-    margin = (SKIP_MARGIN + min(os.cpu_count() or 1, 16)) * step
+    wanted_pts = {round(target / base) for target in wanted}
     for target in wanted:
         for careful in (False, True):
             keyframe = keyframe_before(keyframes, target)
             if frames is None or careful or keyframe > frame.time + 1e-6:
                 container.seek(round(keyframe / base), stream=stream, backward=True)
-                frames, frame = container.decode(stream), None
-            frame, count, skipped = advance(frames, frame, target, stream.codec_context, None if careful else margin)
+                frames, frame = decoded_from(container, stream, None if careful else wanted_pts), None
+            frame, count = advance(frames, frame, target)
             decoded += count
             if frame is None:
                 return found, decoded   # the stream ended early; the caller reports what is missing
             if abs(frame.time - target) < 1e-6:
                 found[target] = convert(frame)
                 break
-            if not skipped:
+            if careful:
                 break   # no frame at that time; the caller reports it
     return found, decoded
 
@@ -314,9 +326,11 @@ def sample(path, p: dict) -> Sampled:
             turns = rotation.setdefault("turns", round((frame.rotation or 0) / 90) % 4)
             height, width = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
             return to_rgb(frame, turns, output_shape(height, width, p))
-        try:
-            step = float(np.median(np.diff(known.times))) if len(known.times) > 1 else 0.0
-            found, decoded = decode_at(container, stream, wanted, known.keyframes, step, convert)
+        try:   # each kept frame is converted on a thread of its own while decoding goes on (libswscale frees the GIL)
+            with ThreadPoolExecutor(max_workers=1) as converter:
+                pending, decoded = decode_at(container, stream, wanted, known.keyframes,
+                                             lambda frame: converter.submit(convert, frame))
+                found = {time: converted.result() for time, converted in pending.items()}
         except av.FFmpegError as error:
             raise VideoError(f"decode failed: {error}") from None
     if len(found) < len(wanted):
@@ -342,11 +356,12 @@ def read_audio(path, rate: int = AUDIO_RATE) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
 
 
-def sample_images(path, p: dict, duration: float | None = None) -> Sampled:
-    """Sample frames already extracted by another tool (a tar of images, from a manifest v1 import) by the same
-    rules as a video. Their times are spread over `duration` when known, else one image per second is assumed."""
+def sample_images(archive, p: dict, duration: float | None = None) -> Sampled:
+    """Sample frames already extracted by another tool (`archive`: a binary file of a tar of images, from a manifest
+    v1 import) by the same rules as a video. Their times are spread over `duration` when known, else one image per
+    second is assumed."""
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(fileobj=archive, mode="r:") as tar:
             members = sorted(safe_members(tar), key=lambda m: m.name)
             if not members:
                 raise VideoError("frame archive holds no images")
