@@ -95,18 +95,6 @@ def add_hanging(workspace, name: str) -> str:
     return f"videos/{name}"
 
 
-def collected_file(workspace, name: str) -> Path:
-    """The collected file `name` (videos/<sha256><ext>, as samples.jsonl gives it) copied out of its pack, as a user's
-    own file would be given to a tool."""
-    folder = workspace / "data/raw/videos"
-    path = Path(tempfile.gettempdir()) / "collected" / Path(name).name
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        path.with_suffix(".partial").write_bytes(packs.read(folder, packs.read_index(folder)[Path(name).name]))
-        os.replace(path.with_suffix(".partial"), path)
-    return path
-
-
 def add_broken_video(workspace, name="f" * 64 + ".mp4"):
     """A collected sample whose video file is not a video; returns that video's path as samples.jsonl names it."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -279,9 +267,17 @@ def committed(path: str) -> str:
 
 
 def video_file(workspace: Path, row: dict) -> Path:
-    """The collected file of a manifest row's first video, copied out of its pack."""
-    index = packs.read_index(workspace / "data/raw/videos")
-    return collected_file(workspace, next(name for name in index if name.startswith(row["videos"][0]["sha256"] + ".")))
+    """The collected file of a manifest row's first video, copied out of its pack (as a user's own file would be
+    given to a tool)."""
+    folder = workspace / "data/raw/videos"
+    index = packs.read_index(folder)
+    name = next(name for name in index if name.startswith(row["videos"][0]["sha256"] + "."))
+    path = Path(tempfile.gettempdir()) / "collected" / name
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.with_suffix(".partial").write_bytes(packs.read(folder, index[name]))
+        os.replace(path.with_suffix(".partial"), path)
+    return path
 
 
 def question_of(row: dict) -> str:

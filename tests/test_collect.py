@@ -1,5 +1,4 @@
 import io
-import json
 from hashlib import sha256
 
 import av
@@ -13,7 +12,7 @@ def test_videos_are_h264_mp4_content_addressed_and_packed_by_sha256_prefix(small
     samples = read_jsonl(small_data / "data/raw/samples.jsonl")
     assert len(samples) == 2 * 2 * 2 * 3
     folder = small_data / "data/raw/videos"
-    index = json.loads((folder / packs.INDEX).read_text())
+    index = packs.read_index(folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted({f"{name[:2]}-0.tar" for name in index} | {packs.INDEX})
     assert sorted(index) == sorted(sample["videos"][0].removeprefix("videos/") for sample in samples)
     for sample in samples:
