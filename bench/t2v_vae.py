@@ -8,7 +8,8 @@ foreground-weighted error and its schedule, params.yaml's `train_t2v.tiny`), the
 which stages/results/motion.py reads as it reads generated ones.
 
 Clips: the synthetic set's plan (params.yaml's `collect`), 5 frames each (Wan's 4k + 1), drawn straight to RGB by
-stages/data/synthetic.draw at the frames `extract` keeps (first and last included) and scaled to extract's size,
+stages/data/synthetic.draw at 5 times spread evenly from the first frame's to the last's (not rounded to frame
+times, as extract's uniform_indices rounds them) and scaled to extract's size with PIL's bicubic (not libswscale's),
 without the H.264 round trip; the synthetic splits, test clips held out.
 
     python bench/t2v_vae.py                       # every variant (about 20 min on 2 cores)
@@ -46,10 +47,10 @@ FRAMES = 5
 
 def synthetic_clips(p: dict, side: int, seed: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
     """split -> (uint8 clips [n, 5, side, side, 3], their attributes): drawn at collect's size, then scaled to
-    extract's `side` with bicubic filtering as extract scales."""
+    extract's `side` (PIL's bicubic)."""
     plan = synthetic.plan_clips(p, seed)
     splits = synthetic.assign_splits(len(plan), p["val_fraction"], p["test_fraction"], seed)
-    last = (round(p["seconds"] * p["fps"]) - 1) / p["fps"]        # the last frame's time, which extract keeps
+    last = (round(p["seconds"] * p["fps"]) - 1) / p["fps"]        # the last frame's time
     times = np.linspace(0, last, FRAMES)
     out = {}
     for split in ("train", "test"):
@@ -115,11 +116,8 @@ def reconstruct(pipe, fam, clips: np.ndarray) -> np.ndarray:
     out = []
     for i in range(0, len(clips), 64):
         pixels = diffusion.to_pixels(clips[i:i + 64])
-        if fam is wan:
-            decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
-        else:   # the image VAE takes one frame per row
-            frames = fam.vae_input(pixels)
-            decoded = pipe.vae.decode(pipe.vae.encode(frames).latent_dist.mean).sample
+        decoded = pipe.vae.decode(pipe.vae.encode(fam.vae_input(pixels)).latent_dist.mean).sample
+        if decoded.dim() == 4:   # an image VAE took one frame per row: back to clips [b, 3, f, h, w]
             decoded = decoded.unflatten(0, (len(pixels), -1)).transpose(1, 2)
         out.append(decoded.clamp(-1, 1))
     return ((torch.cat(out).permute(0, 2, 3, 4, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
