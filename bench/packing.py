@@ -6,7 +6,9 @@ Each batch is trained once padded (`vlm.collate`) and once packed into rows of a
 (`vlm.collate(..., pack_length)`), alternating, from the same weights (an optimizer step on a copy), for `--repeats`
 rounds; medians are reported. Tokens/s counts real tokens (not padding) over forward + backward + optimizer step.
 Padding fraction is the share of pad positions in the batch tensors. Each packed batch's loss is checked against the
-padded one's (atol 1e-4).
+padded one's (atol 1e-4). The models load as train_vlm loads them (`vlm.load_model`): a family whose vision tower
+attends by cu_seqlens (Qwen2-VL) runs it on varlen SDPA, and is also timed packed with its tower on transformers' own
+sdpa loop (`varlen_tower_speedup`).
 
 The models are the families' tiny ones with a wider text model (`--text-hidden`, `--text-layers`), so that the
 language model, where packing saves work, carries a realistic share of the step; the vision tower sees the same
@@ -58,10 +60,12 @@ def mixed_samples(count: int, seed: int) -> list[tuple[dict, list[np.ndarray]]]:
     return samples
 
 
-def timed_step(model, batch: dict) -> tuple[float, float]:
+def timed_step(model, batch: dict, vision_attention: str | None = None) -> tuple[float, float]:
     """Seconds for forward + backward + an AdamW step on a copy of `model` (so every variant starts from the same
-    weights), and the loss."""
+    weights), and the loss; `vision_attention` sets the copy's vision tower's attention implementation."""
     model = copy.deepcopy(model)
+    if vision_attention:
+        model.set_attn_implementation({"vision_config": vision_attention})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     start = time.perf_counter()
     loss = model(**batch).loss
@@ -77,29 +81,39 @@ def bench_family(name: str, p: dict, args) -> dict:
         texts = [m["content"].replace(vlm.VIDEO, "") for row, _ in samples for m in row["messages"]] * 20
         base = fam.build_tiny(p, texts, 32, Path(scratch) / "base")
         processor = AutoProcessor.from_pretrained(base)
-        model = fam.MODEL_CLASS.from_pretrained(base).train()
+        model = vlm.load_model(fam, str(base)).train()   # as train_vlm loads it
     examples = [vlm.encode(row, videos, processor, fam, 100_000) for row, videos in samples]
     capacity = max(len(example["input_ids"]) for example in examples)
     vlm.take_packed_rows(model)
     pad = processor.tokenizer.pad_token_id
-    runs = {"padded": [], "packed": []}
+    # a family whose tower train_vlm runs on varlen SDPA (stages/models/attention.py) is also timed packed with the
+    # tower on transformers' sdpa loop, which is what the varlen attention saves
+    variants = {"padded": (0, None), "packed": (capacity, None)}
+    if getattr(fam, "VARLEN_VISION", False):
+        variants["packed, tower on the sdpa loop"] = (capacity, "sdpa")
+    runs = {variant: [] for variant in variants}
     for _ in range(args.repeats):
         for start in range(0, len(examples), args.batch_size):
             chunk = examples[start:start + args.batch_size]
             tokens = sum(len(example["input_ids"]) for example in chunk)
             losses = {}
-            for variant, length in (("padded", 0), ("packed", capacity)):
+            for variant, (length, vision_attention) in variants.items():
                 batch = vlm.collate(chunk, pad, pack_length=length)
-                seconds, losses[variant] = timed_step(model, batch)
+                seconds, losses[variant] = timed_step(model, batch, vision_attention)
                 runs[variant].append({"seconds": seconds, "tokens_per_second": tokens / seconds,
                                       "padding_fraction": 1 - tokens / batch["input_ids"].numel(),
                                       "rows": batch["input_ids"].shape[0]})
-            if abs(losses["padded"] - losses["packed"]) > 1e-4:
-                raise SystemExit(f"{name}: packed loss {losses['packed']} differs from padded {losses['padded']}")
+            for variant, loss in losses.items():
+                if abs(losses["padded"] - loss) > 1e-4:
+                    raise SystemExit(f"{name}: {variant} loss {loss} differs from padded {losses['padded']}")
     median = {variant: {key: statistics.median(run[key] for run in results) for key in results[0]}
               for variant, results in runs.items()}
-    return {"packed_speedup": median["packed"]["tokens_per_second"] / median["padded"]["tokens_per_second"],
-            "losses_agree": True, "pack_length": capacity, "median": median, "runs": runs}
+    result = {"packed_speedup": median["packed"]["tokens_per_second"] / median["padded"]["tokens_per_second"],
+              "losses_agree": True, "pack_length": capacity, "median": median, "runs": runs}
+    if "packed, tower on the sdpa loop" in median:
+        result["varlen_tower_speedup"] = (median["packed"]["tokens_per_second"]
+                                          / median["packed, tower on the sdpa loop"]["tokens_per_second"])
+    return result
 
 
 def main() -> None:
@@ -123,10 +137,15 @@ def main() -> None:
         print(f"{name:<12}{m['padded']['tokens_per_second']:>14.0f}{m['packed']['tokens_per_second']:>14.0f}"
               f"{r['packed_speedup']:>9.2f}{m['padded']['padding_fraction']:>14.3f}"
               f"{m['packed']['padding_fraction']:>14.3f}{m['padded']['rows']:>5.0f}->{m['packed']['rows']:<4.0f}")
+        if "varlen_tower_speedup" in r:
+            print(f"{'':<12}packed with the tower on transformers' sdpa loop instead of varlen SDPA: "
+                  f"{m['packed, tower on the sdpa loop']['tokens_per_second']:.0f} tok/s "
+                  f"(varlen: {r['varlen_tower_speedup']:.2f}x)")
     result = {"families": results,
               "setup": {"batches": args.batches, "batch_size": args.batch_size, "repeats": args.repeats,
                         "videos_per_sample": "1-8", "frames_per_video": "2-16 (even)", "frame_px": 32,
-                        "tiny": p, "attn_implementation": "sdpa", "torch_threads": torch.get_num_threads(),
+                        "tiny": p, "attn_implementation": "sdpa (Qwen2-VL's tower: varlen SDPA, as train_vlm)",
+                        "torch_threads": torch.get_num_threads(),
                         "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "machine": platform.machine()}}
     out = REPO / "bench/results/packing.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

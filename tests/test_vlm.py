@@ -89,7 +89,7 @@ def tiny_family(request, small_data, tmp_path_factory):
     rows = read_jsonl(small_data / "data/manifest/train.jsonl")
     texts = [m["content"].replace(vlm.VIDEO, "") for row in rows for m in row["messages"]]
     path = fam.build_tiny(TINY_VLM, texts, 32, tmp_path_factory.mktemp(request.param) / "base")
-    return request.param, fam, AutoProcessor.from_pretrained(path), fam.MODEL_CLASS.from_pretrained(path)
+    return request.param, fam, AutoProcessor.from_pretrained(path), vlm.load_model(fam, str(path))
 
 
 def test_each_family_labels_exactly_every_assistant_turn(tiny_family):

@@ -15,6 +15,7 @@ import torch
 
 from stages.data.formats import VIDEO  # the placeholder of one video in a user turn
 from stages.data.frames import FRAMES, load_frames
+from stages.models import attention
 from stages.results.answers import greedy_answers
 
 IGNORE = -100          # label of every position the loss must not see
@@ -63,14 +64,18 @@ SHARED_CHECKPOINTS = {"instructblipvideo": {"instructblip"}}
 
 def load_model(fam: Family, path: str, **kwargs):
     """`fam.MODEL_CLASS.from_pretrained(path)`, after checking that the checkpoint is of this family: transformers
-    would otherwise only warn and build the family's class from a foreign config."""
+    would otherwise only warn and build the family's class from a foreign config. A family with `VARLEN_VISION`
+    runs its vision tower on stages.models.attention's varlen SDPA (the same arithmetic, batched)."""
     expected = fam.MODEL_CLASS.config_class.model_type
     found = checkpoint_model_type(path)
     if found is not None and found != expected and found not in SHARED_CHECKPOINTS.get(expected, ()):
         name = next(key for key, module in FAMILIES.items() if module is fam)
         raise ValueError(f"checkpoint {path} has model_type {found!r}, but train_vlm.family {name!r} expects "
                          f"{expected!r}; pick the family of that checkpoint")
-    return fam.MODEL_CLASS.from_pretrained(path, **kwargs)
+    model = fam.MODEL_CLASS.from_pretrained(path, **kwargs)
+    if getattr(fam, "VARLEN_VISION", False):   # one batched attention call per frame size, not one per frame pair
+        attention.use_for_vision(model)
+    return model
 
 
 def checkpoint_model_type(path: str) -> str | None:

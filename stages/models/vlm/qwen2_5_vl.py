@@ -6,6 +6,7 @@ from stages.models.vlm import qwen2_vl
 from stages.models.vlm.qwen2_vl import LANGUAGE, MERGE, PROJECTOR, TEMPORAL, VISION, media_inputs, user_content  # noqa: F401 (family API)
 
 MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
+VARLEN_VISION = True    # its vision tower attends by cu_seqlens, as Qwen2-VL's
 CANNOT_CACHE = ("its tower hands its projector (model.visual.merger, which trains) each frame's patches in "
                 "attention-window order, inside its own forward; the cache keeps frames in their own order and "
                 "does not reorder them yet")

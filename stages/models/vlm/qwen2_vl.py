@@ -34,6 +34,8 @@ MODEL_CLASS = Qwen2VLForConditionalGeneration
 # the model's vision tower, vision-to-text projector and language model (for the finetune switches)
 VISION, PROJECTOR, LANGUAGE = "model.visual", "model.visual.merger", "model.language_model"
 MERGE, TEMPORAL = 2, 2     # 2x2 patches merge into one token; frames go in pairs
+# the vision tower attends within each frame pair by cu_seqlens: run it on stages.models.attention.varlen_sdpa
+VARLEN_VISION = True
 
 
 user_content, media_inputs = vlm.video_parts, vlm.video_inputs

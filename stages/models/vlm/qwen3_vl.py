@@ -22,6 +22,7 @@ from stages.models.vlm.qwen2_vl import CHAT_TEMPLATE as QWEN2_TEMPLATE
 from stages.models.vlm.qwen2_vl import END_OF_TURN, IMAGE_PAD, MERGE, TEMPORAL, VIDEO_PAD, VISION_END, VISION_START
 
 MODEL_CLASS = Qwen3VLForConditionalGeneration
+VARLEN_VISION = True    # its vision tower attends by cu_seqlens, as Qwen2-VL's
 # the model's vision tower, vision-to-text projector and language model (for the finetune switches)
 VISION, PROJECTOR, LANGUAGE = "model.visual", "model.visual.merger", "model.language_model"
 CANNOT_CACHE = ("its deepstack projectors (which train) take the outputs of intermediate tower blocks inside the "
