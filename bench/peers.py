@@ -3,8 +3,10 @@ its own venv (bench/.peers/<peer>/), on the same files: N uniform frames at 224 
 
 Decoders (the same frame indices for every one, where the peer takes indices):
 - ours: stages.data.video.sample (PyAV, a packet index, seeks past GOPs, never decodes a frame that is neither wanted
-  nor referred to, swscale on a thread of its own);
-- torchcodec's VideoDecoder, seek_mode "exact" and "approximate", get_frames_at(indices), then resized;
+  nor referred to, swscale on threads of its own), with a thread per core (far apart frames decoded at once);
+- ours on one thread, as `extract` decodes each video when there are more videos than cores;
+- torchcodec's VideoDecoder, seek_mode "exact" and "approximate", get_frames_at(indices), then resized, each on one
+  thread (its default) and on FFmpeg's choice of threads (num_ffmpeg_threads=0: frame threads on every core);
 - qwen-vl-utils' fetch_video (nframes=N, resized 224 x 224), with the decord reader it recommends;
 - LLaMA-Factory's PyAV loop, from the installed llamafactory package (its plugin's _regularize_videos: decode
   every frame, keep the sampled ones).
@@ -114,12 +116,13 @@ def indices_of(path: Path) -> list[int]:
 # {"seconds": [per round], "shape": [...]} or {"error": ...}.
 RUNNERS = {
     "ours": """
-        import sys
+        import os, sys
         sys.path.insert(0, REPO)
         from pathlib import Path
         from stages.data.video import sample
-        def decode(path, indices, mode):
-            out = sample(Path(path), {"num_frames": len(indices), "fps": 0, "frame_size": SIDE, "max_pixels": 0})
+        def decode(path, indices, threads):   # "cores": one video on every core, as `ask` samples one
+            out = sample(Path(path), {"num_frames": len(indices), "fps": 0, "frame_size": SIDE, "max_pixels": 0},
+                         threads=os.cpu_count() if threads == "cores" else 1)
             assert out.indices.tolist() == indices
             return out.frames
     """,
@@ -127,8 +130,10 @@ RUNNERS = {
         import torch
         from torchcodec.decoders import VideoDecoder
         from torchvision.transforms.v2.functional import resize
-        def decode(path, indices, mode):
-            frames = VideoDecoder(path, seek_mode=mode).get_frames_at(indices=indices).data   # uint8 [n, 3, h, w]
+        def decode(path, indices, mode):   # "exact" or "approximate", then ":1" (its default) or ":0" (FFmpeg's choice)
+            seek_mode, threads = mode.split(":")
+            decoder = VideoDecoder(path, seek_mode=seek_mode, num_ffmpeg_threads=int(threads))
+            frames = decoder.get_frames_at(indices=indices).data   # uint8 [n, 3, h, w]
             return resize(frames, [SIDE, SIDE], antialias=True)
     """,
     "qwen-vl-utils": """
@@ -472,9 +477,12 @@ def compare_training(results: dict) -> dict:
 
 def decoding(installed: dict, quick: bool) -> dict:
     """Each decoder on each kind of video; prints the table."""
-    decoders = [("ours", "ours", None), ("torchcodec exact", "torchcodec", "exact"),
-                ("torchcodec approximate", "torchcodec", "approximate"), ("qwen-vl-utils", "qwen-vl-utils", None),
-                ("llamafactory", "llamafactory", None)]
+    decoders = [("ours", "ours", "cores"), ("ours, one thread", "ours", "one"),
+                ("torchcodec exact", "torchcodec", "exact:1"), ("torchcodec exact, threads", "torchcodec", "exact:0"),
+                ("torchcodec approximate", "torchcodec", "approximate:1"),
+                ("torchcodec approximate, threads", "torchcodec", "approximate:0"),
+                ("qwen-vl-utils", "qwen-vl-utils", None), ("llamafactory", "llamafactory", None)]
+    peer_of = {name: peer for name, peer, _ in decoders}
     kinds = {}
     with tempfile.TemporaryDirectory() as scratch:
         for kind, paths in corpus(Path(scratch), quick).items():
@@ -491,16 +499,16 @@ def decoding(installed: dict, quick: bool) -> dict:
             for result in results.values():
                 if "seconds" in result:
                     result["median_s"] = statistics.median(result["seconds"])
-            timed = {name: r["median_s"] for name, r in results.items() if "median_s" in r and name != "ours"}
+            timed = {name: r["median_s"] for name, r in results.items() if "median_s" in r and peer_of[name] != "ours"}
             fastest = min(timed, key=timed.get) if timed else None
             kinds[kind] = {"videos": len(paths), "decoders": results, "fastest_peer": fastest,
                            "ratio_vs_fastest_peer": timed[fastest] / results["ours"]["median_s"] if fastest else None}
-    print(f"{'video kind':<26}" + "".join(f"{name:>24}" for name, _, _ in decoders) + f"{'ratio':>8}")
+    print(f"{'video kind':<26}" + "".join(f"{name:>33}" for name, _, _ in decoders) + f"{'ratio':>8}")
     for kind, k in kinds.items():
         cells = [f"{k['decoders'][name]['median_s']:.3f} s" if "median_s" in k["decoders"][name] else "failed"
                  for name, _, _ in decoders]
         ratio = f"{k['ratio_vs_fastest_peer']:.2f}x" if k["ratio_vs_fastest_peer"] else "-"
-        print(f"{kind:<26}" + "".join(f"{cell:>24}" for cell in cells) + f"{ratio:>8}")
+        print(f"{kind:<26}" + "".join(f"{cell:>33}" for cell in cells) + f"{ratio:>8}")
     for name, _, _ in decoders:
         errors = {k["decoders"][name].get("error") for k in kinds.values()} - {None}
         for error in errors:
@@ -527,7 +535,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter videos, fewer clips, one training repeat")
     parser.add_argument("--part", choices=["decode", "train", "all"], default="all")
     args = parser.parse_args()
-    installed = {peer: setup(peer) for peer in PEERS}
+    needed = {"decode": ["torchcodec", "qwen-vl-utils", "llamafactory"], "train": ["trl", "llamafactory"]}
+    installed = {peer: setup(peer) for peer in PEERS if args.part == "all" or peer in needed[args.part]}
     out = REPO / "bench/results/peers.json"
     result = json.loads(out.read_text()) if out.exists() else {}   # a part run keeps the other part's results
     if args.part in ("decode", "all"):
@@ -537,7 +546,7 @@ def main() -> None:
         result["train"] = training(installed, repeats=1 if args.quick else 3)
         print_training(result["train"])
     result["cpu_count"] = os.cpu_count()
-    result["peers_installed"] = {   # each venv's pip freeze, or why it did not install
+    result["peers_installed"] = result.get("peers_installed", {}) | {   # each venv's pip freeze, or why not
         peer: (Path(i["python"]).parents[1] / ".installed").read_text() if "python" in i else i["error"]
         for peer, i in installed.items()}
     out.write_text(json.dumps(result, indent=2) + "\n")

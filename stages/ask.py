@@ -10,6 +10,7 @@ model (video_sampling.json); the answer streams to stdout as it is generated, an
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def load(model: str):
 def sample_video(video, record: dict):
     """The video's frames as `extract` sampled the training videos (stages.data.video.sample, PyAV)."""
     from stages.data.video import sample
-    return sample(Path(video), record["sampling"])
+    return sample(Path(video), record["sampling"], threads=os.cpu_count())   # one video: every core on it
 
 
 def prompt(record: dict, question: str, sampled, processor, fam) -> dict:

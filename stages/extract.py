@@ -62,16 +62,17 @@ def check(p: dict) -> None:
         raise SystemExit("extract: extract.transcribe_model needs extract.audio: true (the audio it transcribes)")
 
 
-def extract_one(video: str, stored: dict, audio: dict | None, duration: float | None, p: dict, out: Path) -> dict:
+def extract_one(video: str, stored: dict, audio: dict | None, duration: float | None, p: dict, out: Path,
+                threads: int = 1) -> dict:
     """Decode one video (`stored`: its locator in collect's packs; `audio`: that of a separate sound file) into its
-    shard in `out` (packed later); the report entry, or the quarantine reason."""
+    shard in `out` (packed later), on `threads` threads; the report entry, or the quarantine reason."""
     key = Path(video).name.split(".")[0]
     try:
         if video.endswith(".tar"):   # frames another tool extracted, packed by collect
             with io.BufferedReader(packs.Member(VIDEOS, stored)) as archive:
                 sampled = sample_images(archive, p, duration)
         else:
-            sampled = sample(packs.url(VIDEOS, stored), p)
+            sampled = sample(packs.url(VIDEOS, stored), p, threads)
         arrays = {"frames": sampled.frames, "timestamps": sampled.timestamps, "indices": sampled.indices}
         if p["audio"]:
             arrays["audio"] = read_audio(packs.url(VIDEOS, audio or stored), AUDIO_RATE)
@@ -128,11 +129,11 @@ def add_annotations(report: dict, samples: list[dict], p: dict, out: Path) -> No
             ok[video]["auto_caption"] = describe(list(load_shard(ok[video]["shard"], out)["frames"]))
 
 
-def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progress=None) -> dict:
+def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progress=None, threads: int = 1) -> dict:
     """{"entries": {video: report entry}, "locators": {shard: locator}} of every (video, its locator, its audio's,
-    duration) job (sorted by video), on the processes of `pool`. Each group's shards are packed as soon as the group
-    is decoded, so unpacked shards never pile up, and the group's entries and locators are then recorded beside its
-    packs: a rerun after a kill takes them instead of decoding the group again."""
+    duration) job (sorted by video), on the processes of `pool`, `threads` threads each. Each group's shards are
+    packed as soon as the group is decoded, so unpacked shards never pile up, and the group's entries and locators
+    are then recorded beside its packs: a rerun after a kill takes them instead of decoding the group again."""
     groups = [(key, list(group)) for key, group in groupby(jobs, key=lambda job: packs.group(Path(job[0]).name))]
     done, todo = {"entries": {}, "locators": {}}, []
     for key, group in groups:
@@ -142,7 +143,7 @@ def decode_local(jobs: list[tuple], p: dict, out: Path, pool: ProcessPool, progr
                 progress.update(len(group))
         else:
             todo.append((key, group))
-    futures = {job[0]: pool.schedule(extract_one, (*job, p, out), timeout=pool_timeout(p["decode_timeout"]))
+    futures = {job[0]: pool.schedule(extract_one, (*job, p, out, threads), timeout=pool_timeout(p["decode_timeout"]))
                for _, group in todo for job in group}
     for key, group in todo:
         decoded = {}
@@ -250,9 +251,11 @@ def main() -> None:
         with tqdm(total=len(jobs), desc="extract", unit="video", mininterval=2) as progress:
             if p["engine"] == "ray":
                 done = decode_ray(jobs, p, out, progress)
-            else:
-                with ProcessPool(max_workers=p["workers"] or os.cpu_count()) as pool:
-                    done = decode_local(jobs, p, out, pool, progress)
+            else:   # fewer videos than workers: the cores are shared out, each video on threads (sample's)
+                cores = p["workers"] or os.cpu_count()
+                workers = max(min(cores, len(jobs)), 1)
+                with ProcessPool(max_workers=workers) as pool:
+                    done = decode_local(jobs, p, out, pool, progress, threads=max(cores // workers, 1))
         report["videos"] = {video: done["entries"][video] for video in videos}
         write_json(out / INDEX, done["locators"])
         for group_done in out.glob(f"*{DONE}"):

@@ -20,6 +20,7 @@ from stages.data.video import (
     sample_images,
     scanned,
     smart_resize,
+    split_runs,
     uniform_indices,
 )
 from tests.helpers import FFMPEG, ffmpeg, make_video
@@ -126,6 +127,37 @@ def test_long_video_is_sampled_by_seeking_and_skipping(tmp_path, gop, most_decod
     reference = every_frame(path, 16, 16)
     for frame, index in zip(sampled.frames, sampled.indices):
         assert np.array_equal(frame, reference[index])
+
+
+@pytest.mark.parametrize("extra, size", [
+    (("-g", "10"), "32x32"),                                                  # a keyframe every second
+    (("-x264-params", "open_gop=1:keyint=20", "-bf", "3"), "32x32"),          # open GOPs: frames before their keyframe
+    (("-g", "20", "-bf", "3"), "1280x720"),                                   # frame threads when a decoder is alone
+])
+def test_threads_decode_far_apart_frames_at_once_and_give_the_same_bytes(tmp_path, extra, size):
+    path = make_video(tmp_path / "long.mp4", seconds=60 if size == "32x32" else 8, size=size, rate=10, extra=extra)
+    p = {"num_frames": 8, "frame_size": 16}
+    alone = sample(path, p)
+    container, stream = open_video(path)
+    with container:
+        wanted = np.unique(probe(container, stream).times[alone.indices])
+        runs = split_runs(wanted, probe(container, stream), threads=3)
+    assert len(runs) == 3 and np.array_equal(np.concatenate(runs), wanted)
+    shared = sample(path, p, threads=3)
+    assert np.array_equal(shared.frames, alone.frames) and shared.info == alone.info
+    reference = every_frame(path, 16, 16)
+    for frame, index in zip(shared.frames, shared.indices):
+        assert np.array_equal(frame, reference[index])
+
+
+def test_one_long_gop_is_decoded_by_one_decoder(tmp_path):
+    """Frames wanted from one 250-frame GOP and a short one after it: a second decoder would save little (one run)."""
+    path = make_video(tmp_path / "short.mp4", seconds=30, size="32x32", rate=10, extra=("-g", "250"))
+    container, stream = open_video(path)
+    with container:
+        known = probe(container, stream)
+    assert len(known.keyframes) == 2
+    assert len(split_runs(known.times[uniform_indices(300, 16)], known, threads=2)) == 1
 
 
 def test_fps_mode_and_max_pixels(tmp_path):

@@ -25,6 +25,7 @@ EXACT_BICUBIC = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolati
 AUDIO_RATE = 16_000    # Hz, mono: what Whisper-style speech models take
 KEYFRAME, DISCARD = 1, 4   # AVIndexEntry flags: AVINDEX_KEYFRAME, AVINDEX_DISCARD_FRAME (libavformat/avformat.h)
 FRAME_THREADS_FROM = 700_000   # pixels per frame from which frames decode on frame threads (open_video)
+SPLIT_PAYS_BELOW = 0.75   # sample(threads > 1): decoders share a video when none would do more than this share
 
 
 class VideoError(Exception):
@@ -102,12 +103,18 @@ def open_video(path):
     if stream.codec_context is None:   # a codec id libav has no decoder for (found by tests/test_fuzz.py)
         container.close()
         raise VideoError("no decoder for the video stream's codec")
-    # frame threads pay off from about 720p; below, their start-up on every seek costs more than they save, and the
-    # core they take is the one the conversion thread uses (sample; measured on 2 cores: 128x72 to 960x540 sample
-    # 6-25 % faster on slice threads, 1280x720 10 % faster on frame threads)
-    pixels = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
-    stream.thread_type = "AUTO" if pixels >= FRAME_THREADS_FROM else "SLICE"
+    set_threads(stream, alone=True)
     return container, stream
+
+
+def set_threads(stream, alone: bool) -> None:
+    """The decoder's threads, before its first packet. Frame threads pay off from about 720p for a decoder `alone`;
+    below, their start-up on every seek costs more than they save, and the core they take is the one the conversion
+    thread uses (sample; measured on 2 cores: 128x72 to 960x540 sample 6-25 % faster on slice threads, 1280x720 10 %
+    faster on frame threads). Decoders sharing a video (`sample`'s threads) take a core each instead: 8 % faster at
+    720p than each on frame threads."""
+    pixels = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
+    stream.thread_type = "AUTO" if alone and pixels >= FRAME_THREADS_FROM else "SLICE"
 
 
 def check_size(width: int, height: int, p: dict) -> None:
@@ -310,15 +317,40 @@ def pick_frames(times: np.ndarray, count: int) -> np.ndarray:
     return np.where(earlier, after - 1, after).astype(np.int64)
 
 
-def sample(path, p: dict) -> Sampled:
+def split_runs(wanted: np.ndarray, known: Probe, threads: int) -> list[np.ndarray]:
+    """`wanted` (sorted times) cut into at most `threads` runs for decoders of their own, each cut where `decode_at`
+    seeks anyway (the next wanted frame's keyframe lies past the one before it), so every frame is decoded from the
+    same keyframe as by one decoder: the same bytes. Runs are balanced by the frames from each seek to its last wanted
+    frame; one run where the largest share would still be over SPLIT_PAYS_BELOW of the whole (one long GOP: a second
+    decoder's start-up would cost more than it saves)."""
+    keys = np.array([keyframe_before(known.keyframes, time) for time in wanted])
+    starts = np.flatnonzero(np.r_[True, keys[1:] > wanted[:-1] + 1e-6])   # where decode_at seeks
+    if threads < 2 or len(starts) < 2:
+        return [wanted]
+    ends = np.r_[starts[1:], len(wanted)]
+    frames = (np.searchsorted(known.times, wanted[ends - 1] + 1e-6)
+              - np.searchsorted(known.times, keys[starts] - 1e-6)).astype(np.float64)
+    # each group of seeks goes to the run its frames' midpoint falls in: contiguous runs of about equal work
+    runs = np.minimum(((np.cumsum(frames) - frames / 2) * threads / frames.sum()).astype(int), threads - 1)
+    work = np.bincount(runs, weights=frames, minlength=threads)
+    if work.max() > SPLIT_PAYS_BELOW * frames.sum():
+        return [wanted]
+    cuts = [starts[i] for i in range(1, len(starts)) if runs[i] != runs[i - 1]]
+    return np.split(wanted, cuts)
+
+
+def sample(path, p: dict, threads: int = 1) -> Sampled:
     """Sample a video as the extract params say: which frames (num_frames, or fps with min/max_frames) and at what
-    size (frame_size, or max_pixels with the Qwen rule)."""
+    size (frame_size, or max_pixels with the Qwen rule). With `threads` > 1, stretches of the video far apart are
+    decoded at once, each by a decoder of its own (`split_runs`), and frames convert on that many threads: for one
+    video on idle cores (`ask`, or fewer videos than workers in `extract`)."""
     container, stream = open_video(path)
     with container:
         check_header(stream, p)
         known = probe(container, stream, p)
         indices = pick_frames(known.times, frame_count(len(known.times), known.info["duration"], p))
         wanted = np.unique(known.times[indices])
+        runs = split_runs(wanted, known, threads)
         rotation = {}
 
         def convert(frame):   # the first frame's rotation tells which side is the height
@@ -326,18 +358,28 @@ def sample(path, p: dict) -> Sampled:
             turns = rotation.setdefault("turns", round((frame.rotation or 0) / 90) % 4)
             height, width = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
             return to_rgb(frame, turns, output_shape(height, width, p))
+
+        def decode_run(number: int, run: np.ndarray, converter) -> tuple[dict, int]:
+            reader, video = (container, stream) if number == 0 else open_video(path)
+            set_threads(video, alone=len(runs) == 1)
+            try:
+                return decode_at(reader, video, run, known.keyframes, lambda frame: converter.submit(convert, frame))
+            finally:
+                if number:
+                    reader.close()
         try:   # each kept frame is converted on a thread of its own while decoding goes on (libswscale frees the GIL)
-            with ThreadPoolExecutor(max_workers=1) as converter:
-                pending, decoded = decode_at(container, stream, wanted, known.keyframes,
-                                             lambda frame: converter.submit(convert, frame))
-                found = {time: converted.result() for time, converted in pending.items()}
+            with ThreadPoolExecutor(max_workers=max(threads, 1)) as converter, \
+                    ThreadPoolExecutor(max_workers=len(runs)) as decoders:
+                decoded_runs = list(decoders.map(decode_run, range(len(runs)), runs, itertools.repeat(converter)))
+                found = {time: converted.result() for pending, _ in decoded_runs for time, converted in pending.items()}
         except av.FFmpegError as error:
             raise VideoError(f"decode failed: {error}") from None
     if len(found) < len(wanted):
         raise VideoError(f"cut short or damaged: decoded {len(found)} of the {len(wanted)} frames wanted")
     times = known.times[indices]
     frames = np.stack([found[t] for t in times])   # a short video repeats frames so every sample has `count`
-    info = {**known.info, "rotation": 90 * rotation.get("turns", 0), "decoded_frames": decoded}
+    info = {**known.info, "rotation": 90 * rotation.get("turns", 0),
+            "decoded_frames": sum(decoded for _, decoded in decoded_runs)}
     return Sampled(frames, times - known.times[0], indices, info)
 
 
