@@ -140,8 +140,9 @@ def test_threads_decode_far_apart_frames_at_once_and_give_the_same_bytes(tmp_pat
     alone = sample(path, p)
     container, stream = open_video(path)
     with container:
-        wanted = np.unique(probe(container, stream).times[alone.indices])
-        runs = split_runs(wanted, probe(container, stream), threads=3)
+        known = probe(container, stream)
+    wanted = np.unique(known.times[alone.indices])
+    runs = split_runs(wanted, known, threads=3)
     assert len(runs) == 3 and np.array_equal(np.concatenate(runs), wanted)
     shared = sample(path, p, threads=3)
     assert np.array_equal(shared.frames, alone.frames) and shared.info == alone.info
