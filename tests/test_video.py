@@ -319,3 +319,20 @@ def test_the_index_gives_what_reading_every_packet_gives_or_is_not_used(tmp_path
         assert np.array_equal(known.keyframes, np.sort(np.asarray(keyframes, dtype=np.float64)) * base)
         if from_index is not None:
             assert np.array_equal(np.sort(from_index[0]), np.sort(times)) and sorted(from_index[1]) == sorted(keyframes)
+
+
+@pytest.mark.parametrize("name", ["x264 open GOP", "variable frame rate"])
+def test_probe_reads_the_whole_video_wherever_the_demuxer_stands(tmp_path, name):
+    """probe checks the index against packets on the caller's own demuxer, and scans through a handle of its own
+    where the check fails: a demuxer already at the end still gives every frame."""
+    path = tmp_path / "clip.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-t", "4", *INDEX_CASES[name][0], str(path))
+    fresh, stream = open_video(path)
+    with fresh:
+        expected = probe(fresh, stream)
+    drained, stream = open_video(path)
+    with drained:
+        for _ in drained.demux(stream):
+            pass
+        known = probe(drained, stream)
+    assert np.array_equal(known.times, expected.times) and np.array_equal(known.keyframes, expected.keyframes)

@@ -9,12 +9,14 @@ sampled evenly, and rotation metadata is applied as ffmpeg's autorotate does.
 import itertools
 import math
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 
 import av
 import numpy as np
-from av.video.reformatter import Interpolation
+from av.video.reformatter import Interpolation, VideoReformatter
 from PIL import Image, ImageOps
 
 FRAME_FACTOR = 2        # fps mode: frame counts are even, as Qwen2-VL merges frame pairs (qwen-vl-utils)
@@ -26,6 +28,9 @@ AUDIO_RATE = 16_000    # Hz, mono: what Whisper-style speech models take
 KEYFRAME, DISCARD = 1, 4   # AVIndexEntry flags: AVINDEX_KEYFRAME, AVINDEX_DISCARD_FRAME (libavformat/avformat.h)
 FRAME_THREADS_FROM = 700_000   # pixels per frame from which frames decode on frame threads (open_video)
 SPLIT_PAYS_BELOW = 0.75   # sample(threads > 1): decoders share a video when none would do more than this share
+# a libswscale context per converting thread, kept from frame to frame (PyAV makes one per frame: about 0.7 ms each
+# at 360p, measured); a context is used by one thread at a time
+CONVERTERS = threading.local()
 
 
 class VideoError(Exception):
@@ -103,7 +108,6 @@ def open_video(path):
     if stream.codec_context is None:   # a codec id libav has no decoder for (found by tests/test_fuzz.py)
         container.close()
         raise VideoError("no decoder for the video stream's codec")
-    set_threads(stream, alone=True)
     return container, stream
 
 
@@ -111,10 +115,14 @@ def set_threads(stream, alone: bool) -> None:
     """The decoder's threads, before its first packet. Frame threads pay off from about 720p for a decoder `alone`;
     below, their start-up on every seek costs more than they save, and the core they take is the one the conversion
     thread uses (sample; measured on 2 cores: 128x72 to 960x540 sample 6-25 % faster on slice threads, 1280x720 10 %
-    faster on frame threads). Decoders sharing a video (`sample`'s threads) take a core each instead: 8 % faster at
-    720p than each on frame threads."""
+    faster on frame threads). Decoders sharing a video (`sample`'s threads) take one core each and no threads of
+    their own: 8 % faster at 720p than each on frame threads, and at 128x72 idle slice threads woken for every frame
+    cost more than the decoding."""
+    if not alone:
+        stream.codec_context.thread_count = 1
+        return
     pixels = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
-    stream.thread_type = "AUTO" if alone and pixels >= FRAME_THREADS_FROM else "SLICE"
+    stream.thread_type = "AUTO" if pixels >= FRAME_THREADS_FROM else "SLICE"
 
 
 def check_size(width: int, height: int, p: dict) -> None:
@@ -142,10 +150,10 @@ def check_header(stream, p: dict) -> None:
 def probe(container, stream, p: dict | None = None) -> Probe:
     """Every frame's time and the keyframes, from the packets (header frame counts and rates can lie): from the
     demuxer's index where it can be checked to say exactly what the packets say (`indexed`), else by reading every
-    packet (`scanned`)."""
+    packet (`scanned`). Leaves the demuxer anywhere: callers seek before they decode."""
     p = p or {}
     try:
-        times, keyframes = indexed(container, stream, p) or scanned(container, stream, p)
+        times, keyframes = indexed(container, stream, p) or rescanned(container.name, stream.index, p)
     except av.FFmpegError as error:
         raise VideoError(f"demux failed: {error}") from None
     base = float(stream.time_base)
@@ -181,25 +189,30 @@ def scanned(container, stream, p: dict) -> tuple[list[int], list[int]]:
     return times, keyframes or [min(times)]   # no keyframe flags: decode from the start, never seek past one
 
 
+def rescanned(name: str, index: int, p: dict) -> tuple[list[int], list[int]]:
+    """`scanned` from the first packet of the file `name`, through a handle of its own (`indexed` may have moved the
+    caller's demuxer)."""
+    with av.open(name) as reader:
+        return scanned(reader, reader.streams[index], p)
+
+
 def indexed(container, stream, p: dict) -> tuple[np.ndarray, list[int]] | None:
     """What `scanned` gives, from the demuxer's index (an MP4's sample tables: every frame's decode time, size and
     keyframe flag) and a few packets, or None where the index cannot be checked to agree. Reading the 45,000 packets
-    of a 25-minute clip costs 0.15 s; this, 0.04 s.
+    of a 25-minute clip costs 0.15 s; this, 0.03 s.
 
     The index holds decode times; presentation times are those shifted by the reordering delay, which holds when
     the index has one entry per frame of the header's count, none empty or discarded (edit lists), and a constant
     frame duration. The delay comes from the first packets (the earliest presentation time among them), which must
     all fall on the shifted times; each keyframe's own presentation time is read from its packet (an open GOP shows
-    frames before its keyframe), after a seek that must land on it; both through a second handle of the file. Anything
-    else: None, and `scanned` reads all."""
+    frames before its keyframe), after a seek that must land on it. Anything else: None, and `scanned` reads all."""
     count = len(stream.index_entries)
     if count < 2 or count != stream.frames:
         return None
     check_frames(count, p)
     entries = stream.index_entries[0:count]   # one slice: a Python object per entry is the cost, made once
-    decode_times = np.fromiter([entry.timestamp for entry in entries], np.int64, count)
-    flags = np.fromiter([entry.flags for entry in entries], np.int64, count)
-    sizes = np.fromiter([entry.size for entry in entries], np.int64, count)
+    decode_times, flags, sizes = (np.fromiter(map(attrgetter(field), entries), np.int64, count)
+                                  for field in ("timestamp", "flags", "size"))
     steps = np.diff(decode_times)
     if (flags & DISCARD).any() or not sizes.all() or steps[0] <= 0 or steps.min() != steps.max():
         return None
@@ -207,31 +220,31 @@ def indexed(container, stream, p: dict) -> tuple[np.ndarray, list[int]] | None:
     if not key_decode_times:
         return None
     try:
-        return checked_against_packets(container.name, stream.index, decode_times, key_decode_times)
+        return checked_against_packets(container, stream, decode_times, key_decode_times)
     except av.FFmpegError:   # the packets themselves will tell, or give the error
         return None
 
 
-def checked_against_packets(name: str, index: int, decode_times: np.ndarray, key_decode_times: list[int]):
-    """`indexed`'s presentation times and keyframes, checked against the first packets and every keyframe packet of
-    the file `name`, read through a second handle (the caller's demuxer stays where it was); None on a mismatch."""
-    with av.open(name) as reader:
-        video = reader.streams[index]
-        first = [packet.pts for packet in itertools.islice(reader.demux(video), 32) if packet.size]
-        if not first or None in first:
+def checked_against_packets(container, stream, decode_times: np.ndarray, key_decode_times: list[int]):
+    """`indexed`'s presentation times and keyframes, checked against the first packets and every keyframe packet
+    (read from the container's start, then by seeking); None on a mismatch."""
+    first = [packet.pts for packet in itertools.islice(container.demux(stream), 32) if packet.size]
+    if not first or None in first:
+        return None
+    delay = min(first) - int(decode_times[0])
+    times, step = decode_times + delay, int(decode_times[1] - decode_times[0])
+
+    def valid(pts: int | None) -> bool:   # one of the shifted times, which are evenly spaced (checked by the caller)
+        return pts is not None and times[0] <= pts <= times[-1] and (pts - times[0]) % step == 0
+    if not all(map(valid, first)):
+        return None
+    keyframes = []
+    for key in key_decode_times:
+        container.seek(key + delay, stream=stream, backward=True)
+        packet = next(container.demux(stream), None)
+        if packet is None or packet.dts != key or not packet.is_keyframe or not valid(packet.pts):
             return None
-        delay = min(first) - int(decode_times[0])
-        times = decode_times + delay
-        valid = set(times.tolist())
-        if not valid.issuperset(first):
-            return None
-        keyframes = []
-        for key in key_decode_times:
-            reader.seek(key + delay, stream=video, backward=True)
-            packet = next(reader.demux(video), None)
-            if packet is None or packet.dts != key or not packet.is_keyframe or packet.pts not in valid:
-                return None
-            keyframes.append(packet.pts)
+        keyframes.append(packet.pts)
     return times, keyframes
 
 
@@ -240,7 +253,10 @@ def to_rgb(frame, turns: int, shape: tuple[int, int]) -> np.ndarray:
     does (one pass from YUV, no full-size RGB copy), then turned upright: `turns` quarter turns counter-clockwise,
     as ffmpeg's autorotate applies the stream's rotation metadata. Bit-exact: the same bytes on every CPU."""
     height, width = shape[::-1] if turns % 2 else shape
-    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation=EXACT_BICUBIC).to_ndarray()
+    if not hasattr(CONVERTERS, "reformatter"):
+        CONVERTERS.reformatter = VideoReformatter()
+    rgb = CONVERTERS.reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                          interpolation=EXACT_BICUBIC).to_ndarray()
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
