@@ -310,6 +310,8 @@ def test_the_index_gives_what_reading_every_packet_gives_or_is_not_used(tmp_path
         with container:
             from_index = indexed(container, stream, {})
             assert (from_index is not None) == expected, video.name
+        container, stream = open_video(video)   # indexed moved the demuxer: probe from the start, as callers do
+        with container:
             known = probe(container, stream)
         fresh, stream = open_video(video)
         with fresh:
