@@ -26,7 +26,7 @@ PATCH_FACTOR = 28       # max_pixels mode: sides are multiples of 28 (Qwen2-VL /
 EXACT_BICUBIC = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
 AUDIO_RATE = 16_000    # Hz, mono: what Whisper-style speech models take
 KEYFRAME, DISCARD = 1, 4   # AVIndexEntry flags: AVINDEX_KEYFRAME, AVINDEX_DISCARD_FRAME (libavformat/avformat.h)
-FRAME_THREADS_FROM = 700_000   # pixels per frame from which frames decode on frame threads (open_video)
+FRAME_THREADS_FROM = 700_000   # pixels per frame from which frames decode on frame threads (set_threads)
 SPLIT_PAYS_BELOW = 0.75   # sample(threads > 1): decoders share a video when none would do more than this share
 # a libswscale context per converting thread, kept from frame to frame (PyAV makes one per frame: about 0.7 ms each
 # at 360p, measured); a context is used by one thread at a time
@@ -264,6 +264,12 @@ def keyframe_before(keyframes: np.ndarray, time: float) -> float:
     return keyframes[max(np.searchsorted(keyframes, time + 1e-6, side="right") - 1, 0)]
 
 
+def seeks(keyframe, last):
+    """Whether decoding on from the frame at time `last` to a frame whose keyframe is `keyframe` seeks first: the
+    keyframe lies past it (the rule of decode_at, which split_runs cuts by; numpy arrays too)."""
+    return keyframe > last + 1e-6
+
+
 def skipped(pts: int | None, wanted: set[int]) -> bool:
     """Whether the packet of presentation time `pts` may go undecoded when no other frame refers to it (skip_frame
     NONREF: most B-frames): whenever it is not a wanted frame's."""
@@ -306,7 +312,7 @@ def decode_at(container, stream, wanted: np.ndarray, keyframes: np.ndarray, conv
     for target in wanted:
         for careful in (False, True):
             keyframe = keyframe_before(keyframes, target)
-            if frames is None or careful or keyframe > frame.time + 1e-6:
+            if frames is None or careful or seeks(keyframe, frame.time):
                 container.seek(round(keyframe / base), stream=stream, backward=True)
                 frames, frame = decoded_from(container, stream, None if careful else wanted_pts), None
             frame, count = advance(frames, frame, target)
@@ -340,7 +346,7 @@ def split_runs(wanted: np.ndarray, known: Probe, threads: int) -> list[np.ndarra
     frame; one run where the largest share would still be over SPLIT_PAYS_BELOW of the whole (one long GOP: a second
     decoder's start-up would cost more than it saves)."""
     keys = np.array([keyframe_before(known.keyframes, time) for time in wanted])
-    starts = np.flatnonzero(np.r_[True, keys[1:] > wanted[:-1] + 1e-6])   # where decode_at seeks
+    starts = np.flatnonzero(np.r_[True, seeks(keys[1:], wanted[:-1])])   # where decode_at seeks
     if threads < 2 or len(starts) < 2:
         return [wanted]
     ends = np.r_[starts[1:], len(wanted)]
