@@ -7,7 +7,9 @@ Inputs: the default pipeline's data (`dvc repro manifest` first) and train_vlm's
 Step time is the time between consecutive optimizer steps, logging and evaluation excluded; data wait is the part
 spent in the DataLoader's `next`. Both loops run twice: with the workers running the processor (what train_vlm does),
 and with every sample encoded before the clock starts, the workers only batching them: where the data wait is the
-processor's work competing with the model for the same cores, it goes away in the second.
+processor's work competing with the model for the same cores, it goes away in the second. Batches leave the workers
+as one storage each (train_vlm's `one_storage`); our loop runs once more with a storage per tensor, as a plain
+collate sends them, the baseline of that change.
 
     python bench/train.py                      # 120 steps per run, 3 repeats
     python bench/train.py --steps 60 --workers 0
@@ -39,11 +41,12 @@ from stages.common.files import read_jsonl  # noqa: E402
 from stages.common.params import load, seed_everything  # noqa: E402
 from stages.models import vlm  # noqa: E402
 from stages.training import finetune  # noqa: E402
-from stages.training.trainer import StepTimer, training_arguments  # noqa: E402
+from stages.training.trainer import StepTimer, one_storage, training_arguments  # noqa: E402
 
 
-def setup(p: dict, base: str, encoded: bool):
-    """Model, processor and dataset, identical for both loops; with `encoded`, every sample encoded ahead."""
+def setup(p: dict, base: str, encoded: bool, shared: bool = True):
+    """Model, processor and dataset, identical for both loops; with `encoded`, every sample encoded ahead; with
+    `shared`, each batch leaves its worker as one storage (`one_storage`, as train_vlm's), else a storage a tensor."""
     seed_everything(0)
     fam = vlm.family(p["family"])
     processor = AutoProcessor.from_pretrained(base)
@@ -52,11 +55,11 @@ def setup(p: dict, base: str, encoded: bool):
     if encoded:
         dataset = [dataset[i] for i in range(len(dataset))]
     collate = functools.partial(vlm.collate, pad_token_id=processor.tokenizer.pad_token_id)
-    return model, dataset, collate
+    return model, dataset, one_storage(collate) if shared else collate
 
 
-def ours(p: dict, base: str, encoded: bool) -> dict:
-    model, dataset, collate = setup(p, base, encoded)
+def ours(p: dict, base: str, encoded: bool, shared: bool = True) -> dict:
+    model, dataset, collate = setup(p, base, encoded, shared)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as scratch:
         # step time only: no evaluation, no checkpoints, so nothing of the schedule's best-checkpoint keeping
@@ -123,7 +126,8 @@ def main() -> None:
     fam = vlm.family(p["family"])
     rows = read_jsonl("data/manifest/train.jsonl")
     loops = {"ours": (ours, False), "plain": (plain, False), "ours, pre-encoded": (ours, True),
-             "plain, pre-encoded": (plain, True)}
+             "plain, pre-encoded": (plain, True),
+             "ours, a storage a tensor": (functools.partial(ours, shared=False), False)}
     runs = {name: [] for name in loops}
     with tempfile.TemporaryDirectory() as scratch:
         base = str(vlm.build_tiny_base(fam, p, rows, Path(scratch) / "base"))
@@ -134,14 +138,15 @@ def main() -> None:
     median = {name: {key: statistics.median(run[key] for run in results) for key in results[0]}
               for name, results in runs.items()}
     ratio = median["ours"]["step_s"] / median["plain"]["step_s"]
-    print(f"{'loop':<20}{'step (ms)':>12}{'data wait':>12}{'samples/s':>12}{'mean loss':>12}")
+    print(f"{'loop':<26}{'step (ms)':>12}{'data wait':>12}{'samples/s':>12}{'mean loss':>12}")
     for name, m in median.items():
-        print(f"{name:<20}{1000 * m['step_s']:>12.1f}{m['data_wait_fraction']:>12.4f}{m['samples_per_second']:>12.1f}"
+        print(f"{name:<26}{1000 * m['step_s']:>12.1f}{m['data_wait_fraction']:>12.4f}{m['samples_per_second']:>12.1f}"
               f"{m['loss']:>12.4f}")
     print(f"step time ratio ours / plain: {ratio:.3f} (goal <= 1.10); "
           f"our data_wait_fraction: {median['ours']['data_wait_fraction']:.4f} (goal < 0.02)")
     result = {"step_time_ratio_vs_plain": ratio, "data_wait_fraction": median["ours"]["data_wait_fraction"],
               "data_wait_fraction_pre_encoded": median["ours, pre-encoded"]["data_wait_fraction"],
+              "data_wait_fraction_storage_per_tensor": median["ours, a storage a tensor"]["data_wait_fraction"],
               "goals": {"step_time_ratio_vs_plain": "<= 1.10", "data_wait_fraction": "< 0.02"},
               "median": median, "runs": runs,
               "setup": {"family": p["family"], "batch_size": p["batch_size"], "steps": args.steps,

@@ -27,6 +27,7 @@ from stages.training.trainer import (
     StepTimer,
     checkpoint_folder,
     last_checkpoint,
+    one_storage,
     remove_checkpoints,
     training_arguments,
     write_record,
@@ -92,7 +93,7 @@ def main() -> None:
         timer = StepTimer()
         trainer = schedule.ScoredTrainer(
             model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
-            data_collator=vlm.collator(processor, model, p["packing"], p["max_length"]),
+            data_collator=one_storage(vlm.collator(processor, model, p["packing"], p["max_length"])),
             callbacks=[timer, LiveCallback("dvclive/train_vlm"), *schedule.callbacks(p)],
             metric=p["best_metric"], rows=scored, answer=vlm.answerer(processor, fam, p["batch_size"], scored))
         ProgressBar.replace_printer(trainer, "train_vlm")

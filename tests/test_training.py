@@ -12,7 +12,14 @@ from transformers import Trainer
 from stages import train_seq2seq
 from stages.common.params import load
 from stages.training.distributed import free_port
-from stages.training.trainer import CHECKPOINTS, StepTimer, checkpoint_folder, training_arguments, use_bf16
+from stages.training.trainer import (
+    CHECKPOINTS,
+    StepTimer,
+    checkpoint_folder,
+    one_storage,
+    training_arguments,
+    use_bf16,
+)
 from tests.helpers import REPO, SMALL, kill_after_checkpoint, write_params
 
 P = {"learning_rate": 0.001, "max_steps": 10}
@@ -119,3 +126,31 @@ def test_the_step_timer_measures_the_wait_for_data_that_loader_workers_hide(tmp_
     else:
         assert 0.35 < summary["data_wait_fraction"] < 0.65
     assert summary["samples_per_second"] == pytest.approx(1 / 0.06 if not workers else 1 / 0.03, rel=0.4)
+
+
+def mixed_batch(indices: list[int]) -> dict:
+    """A collate's output of every kind one_storage must carry: dtypes of 1 to 8 bytes, a non-contiguous tensor, an
+    empty one, a scalar, and a value that is no tensor."""
+    rows = torch.tensor(indices)
+    return {"input_ids": rows[:, None] * torch.arange(5), "attention_mask": torch.ones(len(rows), 5, dtype=torch.bool),
+            "pixel_values": (rows[:, None, None] + torch.rand(len(rows), 3, 7, generator=torch.Generator().manual_seed(
+                int(rows.sum())))).transpose(1, 2), "half": rows.to(torch.bfloat16) / 3, "empty": torch.zeros(0, 2),
+            "count": rows.sum(), "use_cache": False}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_storage_batches_arrive_equal_and_in_one_storage(workers):
+    """Through a real DataLoader: the same keys, values, dtypes and shapes as the collate gave, and with workers
+    every tensor a view of one storage, so that torch sent one (a plain collate's batch arrives in one per tensor)."""
+    loaders = {shared: torch.utils.data.DataLoader(range(8), batch_size=4, num_workers=workers, collate_fn=(
+        one_storage(mixed_batch) if shared else mixed_batch)) for shared in (True, False)}
+    for batch, plain in zip(*(list(loaders[shared]) for shared in (True, False)), strict=True):
+        assert list(batch) == list(plain)
+        for key, value in plain.items():
+            if torch.is_tensor(value):
+                assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+            else:
+                assert batch[key] == value
+        storages = {value.untyped_storage().data_ptr() for value in batch.values() if torch.is_tensor(value)}
+        plain_storages = {value.untyped_storage().data_ptr() for value in plain.values() if torch.is_tensor(value)}
+        assert len(storages) == 1 and len(plain_storages) == 6

@@ -1,7 +1,10 @@
-"""What both trainers share: their TrainingArguments from params, checkpoints a rerun resumes from, and curves
-logged to dvclive by optimizer step, with how long each step waited for its data."""
+"""What both trainers share: their TrainingArguments from params, checkpoints a rerun resumes from, batches that
+leave a DataLoader worker as one storage, and curves logged to dvclive by optimizer step, with how long each step
+waited for its data."""
 import copy
+import functools
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -85,6 +88,29 @@ def training_arguments(p: dict, seed: int, output_dir: str, args_class=TrainingA
         deepspeed=copy.deepcopy(deepspeed),   # a copy: transformers fills in the "auto"s
         # without CUDA, processes that an engine started form a (gloo) group only when told they are CPU processes
         use_cpu=not torch.cuda.is_available(), **extra)
+
+
+ALIGN = 64   # bytes: each tensor of a one_storage batch starts aligned for any dtype
+
+
+def one_storage(collate):
+    """`collate`, its batch tensors made views of one byte buffer, so that a DataLoader worker hands the training
+    process one storage per batch.
+
+    torch sends each storage on its own: the worker shares it, and the training process fetches its file descriptor
+    through the worker's resource sharer (a socket connection and a handshake, while both compete for the cores) and
+    maps it. Tensors that share a storage send it once. LLaVA's batch of four tensors made four round trips; now it
+    makes one, for the cost of copying the batch once in the worker (bench/train.py)."""
+    @functools.wraps(collate)
+    def collate_into_one(examples):
+        batch = collate(examples)
+        tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
+        sizes = [-(-value.nbytes // ALIGN) * ALIGN for value in tensors.values()]
+        buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        for (key, value), start in zip(tensors.items(), itertools.accumulate([0] + sizes)):
+            batch[key] = buffer[start:start + value.nbytes].view(value.dtype).view(value.shape).copy_(value)
+        return batch
+    return collate_into_one
 
 
 def save_model(trainer, folder: Path) -> None:
