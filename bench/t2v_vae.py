@@ -16,7 +16,8 @@ without the H.264 round trip; the synthetic splits, test clips held out.
     python bench/t2v_vae.py --variants wan wan_patch2
 
 Prints a table and writes bench/results/t2v_vae.json: per variant, colour and direction accuracy of the
-reconstructions, the colour read from each frame alone, and the training seconds (one run each, seeded).
+reconstructions, the colour read from each frame alone, the training seconds and the date (one run each, seeded; a
+run of some variants keeps the others' results).
 """
 import argparse
 import json
@@ -61,7 +62,7 @@ def synthetic_clips(p: dict, side: int, seed: int) -> dict[str, tuple[np.ndarray
     return out
 
 
-def wan_vae(channels: list[int], latent: int, patch: int = 1) -> AutoencoderKLWan:
+def wan_vae(channels: list[int], latent: int, patch: int = 1, residual: bool = False) -> AutoencoderKLWan:
     """wan.build_tiny's VAE with the two knobs the stage does not expose: the latent width, and pixels folded
     `patch` x `patch` into channels before the first convolution (Wan 2.2's `patch_size`), so that the convolutions
     see a `patch` times smaller side."""
@@ -70,15 +71,18 @@ def wan_vae(channels: list[int], latent: int, patch: int = 1) -> AutoencoderKLWa
         base_dim=channels[0], z_dim=latent, dim_mult=[c // channels[0] for c in channels], num_res_blocks=1,
         temperal_downsample=[False] * (down - 1) + [True], latents_mean=[0.0] * latent, latents_std=[1.0] * latent,
         scale_factor_temporal=2, scale_factor_spatial=patch * 2 ** down, patch_size=patch if patch > 1 else None,
-        in_channels=3 * patch * patch, out_channels=3 * patch * patch)
+        in_channels=3 * patch * patch, out_channels=3 * patch * patch, is_residual=residual)
 
 
-def frame_by_frame(vae: AutoencoderKLWan) -> None:
-    """Zero every causal convolution's taps on earlier frames, so that the VAE starts as a per-frame image VAE."""
+def frame_by_frame(vae: AutoencoderKLWan, hold: bool = False) -> None:
+    """Zero every causal convolution's taps on earlier frames, so that the VAE starts as a per-frame image VAE;
+    `hold`: and keep them at zero (only the temporal resampling's convolutions then mix frames)."""
     with torch.no_grad():
         for name, module in vae.named_modules():
             if isinstance(module, WanCausalConv3d) and module.kernel_size[0] == 3 and "time_conv" not in name:
                 module.weight[:, :, :2] = 0
+                if hold:
+                    module.weight.register_hook(lambda grad: torch.cat([grad[:, :, :2] * 0, grad[:, :, 2:]], 2))
 
 
 def train(variant: str, pipe, fam, clips: np.ndarray, tiny: dict) -> None:
@@ -91,12 +95,17 @@ def train(variant: str, pipe, fam, clips: np.ndarray, tiny: dict) -> None:
         frame_by_frame(pipe.vae)
         run(clips.reshape(-1, 1, *clips.shape[2:]), 1200, 16, rate)
         run(clips, 300, batch, rate / 2, seed=1)
+    elif variant.startswith("wan_frames_held"):   # the same, the taps on earlier frames held at zero throughout
+        frame_by_frame(pipe.vae, hold=True)
+        run(clips.reshape(-1, 1, *clips.shape[2:]), 600 if variant.endswith("600") else 1200, 16, rate)
+        run(clips, 300, batch, rate / 2, seed=1)
     else:
         run(clips, STEPS[variant], batch, rate)
 
 
-STEPS = {"image": 1200, "wan": 600, "wan_1200": 1200, "wan_z16": 600, "wan_patch2": 600, "wan_patch2_1200": 1200}
-VARIANTS = [*STEPS, "wan_frames_first"]
+STEPS = {"image": 1200, "wan": 600, "wan_1200": 1200, "wan_z16": 600, "wan_patch2": 600, "wan_patch2_1200": 1200,
+         "wan_residual": 600, "wan_residual_patch2": 600}
+VARIANTS = [*STEPS, "wan_frames_first", "wan_frames_held", "wan_frames_held_600"]
 
 
 def build(variant: str, tiny: dict, train_clips: np.ndarray, captions: list[str]):
@@ -106,6 +115,10 @@ def build(variant: str, tiny: dict, train_clips: np.ndarray, captions: list[str]
     pipe = fam.PIPELINE(**fam.build_tiny(tiny, tokenizer, train_clips.shape[2], FRAMES))
     if variant.startswith("wan_z16"):
         pipe.vae = wan_vae(tiny["vae_channels"], 16)
+    elif variant == "wan_residual":
+        pipe.vae = wan_vae(tiny["vae_channels"], tiny["latent_channels"], residual=True)
+    elif variant == "wan_residual_patch2":
+        pipe.vae = wan_vae(tiny["vae_channels"][1:], tiny["latent_channels"], patch=2, residual=True)
     elif variant.startswith("wan_patch2"):
         pipe.vae = wan_vae(tiny["vae_channels"][1:], tiny["latent_channels"], patch=2)
     return fam, pipe
@@ -134,7 +147,8 @@ def bench(variant: str, tiny: dict, data: dict, seed: int) -> dict:
     recon = reconstruct(pipe, fam, test_clips)
     accuracy = motion.score(recon, asked)[0]
     per_frame = [motion.score(recon[:, k:k + 1], asked)[0]["color_accuracy"] for k in range(FRAMES)]
-    return {"vae": type(pipe.vae).__name__, "parameters": sum(w.numel() for w in pipe.vae.parameters()),
+    return {"date": time.strftime("%Y-%m-%d"), "vae": type(pipe.vae).__name__,
+            "parameters": sum(w.numel() for w in pipe.vae.parameters()),
             "train_seconds": round(seconds, 1), **{k: round(v, 3) for k, v in accuracy.items()},
             "color_accuracy_per_frame": [round(v, 3) for v in per_frame]}
 
@@ -157,8 +171,7 @@ def main() -> None:
               f"{r['color_accuracy_per_frame']}", flush=True)
     out = REPO / "bench/results/t2v_vae.json"
     old = json.loads(out.read_text())["variants"] if out.exists() else {}
-    out.write_text(json.dumps({"machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-                               "date": time.strftime("%Y-%m-%d"), "frames": FRAMES,
+    out.write_text(json.dumps({"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "frames": FRAMES,
                                "variants": {**old, **results}}, indent=2) + "\n")
     print(f"-> {out.relative_to(REPO)}")
 
