@@ -91,12 +91,8 @@ def train(variant: str, pipe, fam, clips: np.ndarray, tiny: dict) -> None:
         pipe.vae.requires_grad_(True)
         diffusion.train_vae(pipe, fam, data, steps, batch, rate, tiny["vae_foreground_weight"], seed)
     rate, batch = tiny["vae_learning_rate"], tiny["vae_batch_size"]
-    if variant == "wan_frames_first":       # single frames (the first-frame path) first, then whole clips
-        frame_by_frame(pipe.vae)
-        run(clips.reshape(-1, 1, *clips.shape[2:]), 1200, 16, rate)
-        run(clips, 300, batch, rate / 2, seed=1)
-    elif variant.startswith("wan_frames_held"):   # the same, the taps on earlier frames held at zero throughout
-        frame_by_frame(pipe.vae, hold=True)
+    if variant.startswith("wan_frames"):   # single frames (the first-frame path) first, then whole clips; "held":
+        frame_by_frame(pipe.vae, hold="held" in variant)   # the taps on earlier frames stay at zero throughout
         run(clips.reshape(-1, 1, *clips.shape[2:]), 600 if variant.endswith("600") else 1200, 16, rate)
         run(clips, 300, batch, rate / 2, seed=1)
     else:
@@ -115,12 +111,9 @@ def build(variant: str, tiny: dict, train_clips: np.ndarray, captions: list[str]
     pipe = fam.PIPELINE(**fam.build_tiny(tiny, tokenizer, train_clips.shape[2], FRAMES))
     if variant.startswith("wan_z16"):
         pipe.vae = wan_vae(tiny["vae_channels"], 16)
-    elif variant == "wan_residual":
-        pipe.vae = wan_vae(tiny["vae_channels"], tiny["latent_channels"], residual=True)
-    elif variant == "wan_residual_patch2":
-        pipe.vae = wan_vae(tiny["vae_channels"][1:], tiny["latent_channels"], patch=2, residual=True)
-    elif variant.startswith("wan_patch2"):
-        pipe.vae = wan_vae(tiny["vae_channels"][1:], tiny["latent_channels"], patch=2)
+    elif "patch2" in variant or "residual" in variant:   # folding 2 x 2 pixels takes the place of the first block
+        patch = 2 if "patch2" in variant else 1
+        pipe.vae = wan_vae(tiny["vae_channels"][patch - 1:], tiny["latent_channels"], patch, "residual" in variant)
     return fam, pipe
 
 
